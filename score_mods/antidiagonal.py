@@ -1,0 +1,116 @@
+"""XAttention antidiagonal block scoring (Xu et al., "XAttention: Block Sparse
+Attention with Antidiagonal Scoring", ICML 2025): the plain-torch reference.
+
+Cut the attention matrix into ``S x S`` tiles; the sum of a tile's antidiagonal
+(query offset ``r``, key offset ``S-1-r``) touches every row and column of the
+tile once. With query rows reversed inside each tile, all antidiagonal sums are
+one small matmul ``Qs @ Ks^T`` over stride-reshaped q and k. Softmax each reduced
+row over its visible key tiles (fp32), then sum the probabilities inside each
+``(Bs/S) x (Bs/S)`` group: that is the block score.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+
+__all__ = ["antidiagonal_block_scores", "reduced_tile_visible"]
+
+
+def reduced_tile_visible(
+    q_tiles: torch.Tensor, k_tiles: torch.Tensor, *, stride: int, causal_offset: int
+) -> torch.Tensor:
+    """Causal visibility of reduced tile ``(t, u)``: the tile's last query row sees
+    its first key column (``u*S <= t*S + S - 1 + offset``). ``offset`` is 0 for
+    SDPA's top-left ``is_causal`` and ``Lk - Lq`` for bottom-right (KV prefix)."""
+    return k_tiles[None, :] * stride <= q_tiles[:, None] * stride + stride - 1 + causal_offset
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (B, H, L, D), but got q.dim()={q.dim()} and k.dim()={k.dim()}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share batch and head dim, but got q{tuple(q.shape)} and k{tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads must be a multiple of key heads, but got Hq={q.shape[1]} and Hkv={k.shape[1]}")
+    if stride < 1 or block_size % stride:
+        raise ValueError(f"stride must be a positive divisor of block_size, but got stride={stride} and block_size={block_size}")
+
+
+def antidiagonal_block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int,
+    block_size: int,
+    scale: float | None = None,
+    causal_offset: int | None = None,
+    block_visible: torch.Tensor | None = None,
+    chunk_tokens: int = 16384,
+) -> torch.Tensor:
+    """Block importance scores from antidiagonal sums, in plain torch.
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` queries.
+        k: ``(B, Hkv, Lk, D)`` keys; ``Hq`` a multiple of ``Hkv`` (GQA, no copies).
+        stride: antidiagonal length ``S``; must divide ``block_size``.
+        block_size: attention block size ``Bs``.
+        scale: softmax scale of the attention (``1/sqrt(D)`` when None); the
+            antidiagonal sum is further divided by ``S`` (a mean of S products).
+        causal_offset: None for no causal mask, else the diagonal offset
+            (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
+        block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
+            invisible blocks are left out of the softmax (padding, windows).
+        chunk_tokens: queries scored at a time, bounding the reduced matrix.
+
+    Returns:
+        ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
+        sums to the number of its query tiles that see any key (``Bs/S`` for a
+        full block), rows that see nothing are 0.
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 300, 64)
+        >>> antidiagonal_block_scores(q, k, stride=8, block_size=128, causal_offset=0).shape
+        torch.Size([1, 4, 3, 3])
+    """
+    _validate(q, k, stride, block_size)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    S, tiles_per_block = stride, block_size // stride
+    n_qt, n_kt = math.ceil(Lq / S), math.ceil(Lk / S)
+    n_qb, n_kb = math.ceil(Lq / block_size), math.ceil(Lk / block_size)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+    # Zero rows pad the ragged last tile: they add nothing to a dot product.
+    k_pad = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kt * S - Lk))
+    k_tiles = rearrange(k_pad, "b h (u s) d -> b h 1 u (s d)", s=S)
+    q_pad = torch.nn.functional.pad(q.float(), (0, 0, 0, n_qt * S - Lq))
+    q_tiles = rearrange(q_pad, "b (h g) (t s) d -> b h g t s d", s=S, h=Hkv).flip(-2)
+    q_tiles = rearrange(q_tiles, "b h g t s d -> b h g t (s d)")
+
+    u = torch.arange(n_kt, device=q.device)
+    if block_visible is not None:
+        tile_visible = block_visible.repeat_interleave(tiles_per_block, -1)[..., :n_kt]
+        tile_visible = tile_visible.repeat_interleave(tiles_per_block, -2)[..., :n_qt, :]
+        tile_visible = rearrange(tile_visible.expand(B, -1, -1, -1), "b (h g) t u -> b h g t u", h=1 if tile_visible.shape[1] == 1 else Hkv)
+
+    scores = q.new_zeros((B, Hkv, Hq // Hkv, n_qb * tiles_per_block, n_kb * tiles_per_block), dtype=torch.float32)
+    chunk_tiles = max(tiles_per_block, (chunk_tokens // block_size) * tiles_per_block)
+    for t0 in range(0, n_qt, chunk_tiles):
+        t1 = min(n_qt, t0 + chunk_tiles)
+        logits = (q_tiles[..., t0:t1, :] @ k_tiles.transpose(-1, -2)) * (scale / S)
+        visible = torch.ones((t1 - t0, n_kt), dtype=torch.bool, device=q.device)
+        if causal_offset is not None:
+            t = torch.arange(t0, t1, device=q.device)
+            visible = reduced_tile_visible(t, u, stride=S, causal_offset=causal_offset)
+        if block_visible is not None:
+            visible = visible & tile_visible[..., t0:t1, :]
+        logits = logits.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows that see nothing
+        scores[..., t0:t1, :n_kt] = probs
+    scores = rearrange(
+        scores, "b h g (i ti) (j tj) -> b (h g) i j ti tj", ti=tiles_per_block, tj=tiles_per_block
+    ).sum((-1, -2))
+    return scores

@@ -1,0 +1,11 @@
+"""xflex: XAttention block-sparse attention for any PyTorch model, through
+FlexAttention, under ``torch.compile(model, backend="xattn")``."""
+
+from .config import Config
+from .context import sparsity
+from .op import sparse_sdpa
+from .stats import CallRecord, SparsityStats
+from .backend import last_compile_report, xattn
+
+__all__ = ["CallRecord", "Config", "SparsityStats", "last_compile_report", "sparse_sdpa", "sparsity", "xattn"]
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""xflex settings: one validated object from `torch.compile(options=...)`
+defaults and `xflex.sparsity(...)` run-time overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+import torch
+
+__all__ = ["Config", "RUNTIME_OPTIONS", "COMPILE_TIME_OPTIONS"]
+
+_BLOCK_SIZES = (32, 64, 128, 256)
+_SCORERS = ("auto", "triton", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sparse-attention settings.
+
+    Attributes:
+        enabled: run attention block-sparse (False: every call runs dense SDPA).
+        threshold: tau in (0, 1]: each query block keeps the fewest key blocks
+            whose estimated attention mass reaches tau (1.0 keeps all visible
+            blocks). A sequence gives one value per query head.
+        stride: antidiagonal stride S; divides ``block_size`` (8: more accurate,
+            16: faster scoring).
+        block_size: FlexAttention block size (fixed per compiled model).
+        min_seq_len: calls whose key length is below this run dense.
+        keep_sink: causal calls always keep the first key block.
+        keep_recent: tokens before each query's own position whose blocks are
+            always kept (0: just the diagonal block).
+        scorer: "auto" (Triton kernel on CUDA, plain torch on CPU), "triton" or
+            "torch".
+    """
+
+    enabled: bool = True
+    threshold: float | tuple[float, ...] = 0.9
+    stride: int = 8
+    block_size: int = 128
+    min_seq_len: int = 1024
+    keep_sink: bool = True
+    keep_recent: int = 0
+    scorer: str = "auto"
+
+    def __post_init__(self) -> None:
+        _validate_config(self)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object] | None, base: Config | None = None) -> Config:
+        """Validated config from a mapping of option names (unknown names raise)."""
+        base = base or cls()
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown xflex option(s) {unknown}; expected some of {sorted(_FIELDS)}")
+        if "threshold" in options:
+            options["threshold"] = _normalise_threshold(options["threshold"])
+        return dataclasses.replace(base, **options)
+
+    def override(self, overrides: Mapping[str, object]) -> Config:
+        """This config with run-time overrides applied (block_size cannot change)."""
+        if "block_size" in overrides and overrides["block_size"] != self.block_size:
+            raise ValueError(
+                f"block_size is fixed when the model is compiled (block_size={self.block_size}); "
+                f"pass it in torch.compile(..., options={{'block_size': ...}}), not at run time"
+            )
+        return Config.from_options(overrides, base=self)
+
+    def to_key(self) -> str:
+        """A string that carries this config through an FX graph and back."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_key(key: str) -> Config:
+        return _config_from_key(key)
+
+    def threshold_tensor(self, num_heads: int, device: torch.device) -> torch.Tensor:
+        """Threshold per query head, shaped ``(1, H, 1, 1)`` to broadcast over scores."""
+        values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,) * num_heads
+        if len(values) != num_heads:
+            raise ValueError(
+                f"threshold has one value per query head, but got {len(values)} values for {num_heads} heads"
+            )
+        return torch.tensor(values, dtype=torch.float32, device=device).view(1, num_heads, 1, 1)
+
+    @property
+    def keeps_everything(self) -> bool:
+        values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
+        return min(values) >= 1.0
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+COMPILE_TIME_OPTIONS = ("block_size",)
+RUNTIME_OPTIONS = tuple(name for name in _FIELDS if name not in COMPILE_TIME_OPTIONS)
+
+
+@lru_cache(maxsize=256)
+def _config_from_key(key: str) -> Config:
+    values = json.loads(key)
+    if isinstance(values["threshold"], list):
+        values["threshold"] = tuple(values["threshold"])
+    return Config(**values)
+
+
+def _normalise_threshold(value: object) -> float | tuple[float, ...]:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(float(v) if _is_real(v) else v for v in value)  # type: ignore[misc]
+    return float(value) if _is_real(value) else value  # type: ignore[return-value]
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"xflex option {name!r} must be {expected}, but got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_config(c: Config) -> None:
+    _check(isinstance(c.enabled, bool), "enabled", "a bool", c.enabled)
+    thresholds = c.threshold if isinstance(c.threshold, tuple) else (c.threshold,)
+    _check(
+        len(thresholds) > 0 and all(_is_real(t) and 0.0 < t <= 1.0 and not math.isnan(t) for t in thresholds),
+        "threshold",
+        "a float in (0, 1] or a non-empty sequence of them (one per query head)",
+        c.threshold,
+    )
+    _check(c.block_size in _BLOCK_SIZES, "block_size", f"one of {_BLOCK_SIZES}", c.block_size)
+    _check(
+        _is_int(c.stride) and c.stride >= 1 and c.block_size % c.stride == 0,
+        "stride",
+        f"a positive int dividing block_size={c.block_size} (e.g. 4, 8, 16)",
+        c.stride,
+    )
+    _check(_is_int(c.min_seq_len) and c.min_seq_len >= 0, "min_seq_len", "an int >= 0", c.min_seq_len)
+    _check(isinstance(c.keep_sink, bool), "keep_sink", "a bool", c.keep_sink)
+    _check(_is_int(c.keep_recent) and c.keep_recent >= 0, "keep_recent", "an int >= 0 (tokens)", c.keep_recent)
+    _check(c.scorer in _SCORERS, "scorer", f"one of {_SCORERS}", c.scorer)

@@ -1,0 +1,107 @@
+"""What one SDPA call means, in the terms selection and FlexAttention need:
+mask_mod/score_mod, block visibility, and the causal alignment for scoring."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .score_mods import (
+    BlockVisibility,
+    MaskMod,
+    ScoreMod,
+    additive_bias,
+    boolean_mask,
+    causal_block_visibility,
+    causal_mask,
+    tensor_block_visibility,
+)
+
+__all__ = ["CallPattern", "call_pattern"]
+
+
+@dataclasses.dataclass
+class CallPattern:
+    """Attributes:
+    mask_mod, score_mod: carry the call's mask into FlexAttention (None: none).
+    visibility: which blocks the mask leaves visible / entirely visible.
+    causal_offset: reduced-space causal mask for the scorer (None: not causal).
+    diagonal_offset: key position of a query's own position is ``q + offset``
+        (None: no such notion, e.g. cross-attention).
+    causal: the call is causal-like (is_causal or an explicit mask), so the
+        sink block applies.
+    captures_tensors: mask_mod/score_mod read captured tensors.
+    """
+
+    mask_mod: MaskMod | None
+    score_mod: ScoreMod | None
+    visibility: BlockVisibility
+    causal_offset: int | None
+    diagonal_offset: int | None
+    causal: bool
+    captures_tensors: bool
+
+
+def _as_4d(mask: torch.Tensor) -> torch.Tensor:
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+def call_pattern(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    block_size: int,
+) -> CallPattern:
+    """Translate SDPA's ``attn_mask``/``is_causal`` for 4-D ``query`` ``(B, Hq, Lq, D)``
+    and ``key`` ``(B, Hkv, Lk, D)``."""
+    B, Hq, Lq, _ = query.shape
+    Lk = key.shape[2]
+    if is_causal:
+        # SDPA's is_causal is top-left aligned, also when Lq != Lk.
+        return CallPattern(
+            mask_mod=causal_mask(0),
+            score_mod=None,
+            visibility=causal_block_visibility(Lq, Lk, block_size, 0, query.device),
+            causal_offset=0,
+            diagonal_offset=0,
+            causal=True,
+            captures_tensors=False,
+        )
+    if attn_mask is None:
+        everything = torch.ones(
+            (1, 1, math.ceil(Lq / block_size), math.ceil(Lk / block_size)), dtype=torch.bool, device=query.device
+        )
+        return CallPattern(
+            mask_mod=None,
+            score_mod=None,
+            visibility=BlockVisibility(everything, everything),
+            causal_offset=None,
+            diagonal_offset=0 if Lq == Lk else None,
+            causal=False,
+            captures_tensors=False,
+        )
+    mask = _as_4d(attn_mask)
+    full_shape = (B, Hq, Lq, Lk)
+    if mask.dtype == torch.bool:
+        visible = mask
+        mask_mod, score_mod = boolean_mask(mask.expand(full_shape)), None
+    else:
+        visible = mask != float("-inf")
+        mask_mod, score_mod = None, additive_bias(mask.expand(full_shape))
+    visible = visible.expand(visible.shape[0], visible.shape[1], Lq, Lk)
+    return CallPattern(
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        visibility=tensor_block_visibility(visible, block_size),
+        causal_offset=None,
+        # Explicit masks with Lq < Lk are KV-prefix (chunked prefill) masks:
+        # a query's own position is bottom-right aligned.
+        diagonal_offset=Lk - Lq,
+        causal=True,
+        captures_tensors=True,
+    )

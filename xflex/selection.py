@@ -1,0 +1,93 @@
+"""Threshold selection (XAttention, DESIGN section 2): block scores to the set
+of key blocks each query block computes, on the scores' device with no host
+synchronisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["forced_blocks", "select_blocks", "to_kv_blocks"]
+
+
+def forced_blocks(
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    *,
+    diagonal_offset: int | None,
+    keep_sink: bool,
+    keep_recent: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``(1, 1, nQ, nK)`` bool: blocks kept whatever their score.
+
+    The diagonal is the key blocks holding positions ``q + diagonal_offset`` for
+    the block's queries (widened by ``keep_recent`` tokens to the left); None
+    means the call has no "own position" (cross-attention). The sink is key
+    block 0.
+    """
+    n_q, n_k = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
+    kv_block = torch.arange(n_k, device=device)[None, :]
+    forced = torch.zeros((n_q, n_k), dtype=torch.bool, device=device)
+    if diagonal_offset is not None:
+        q_lo = torch.arange(n_q, device=device)[:, None] * block_size
+        q_hi = torch.clamp(q_lo + block_size - 1, max=q_len - 1)
+        first = torch.div(q_lo + diagonal_offset - keep_recent, block_size, rounding_mode="floor")
+        last = torch.div(q_hi + diagonal_offset, block_size, rounding_mode="floor")
+        forced |= (kv_block >= first) & (kv_block <= last)
+    if keep_sink:
+        forced |= kv_block == 0
+    return forced[None, None]
+
+
+def select_blocks(
+    scores: torch.Tensor,
+    *,
+    visible: torch.Tensor,
+    forced: torch.Tensor,
+    threshold: torch.Tensor | float,
+) -> torch.Tensor:
+    """Keep, per query block, the forced blocks plus the highest-scoring others
+    until the kept mass reaches ``threshold`` of the row's visible mass (the
+    block that crosses it is kept). ``threshold >= 1`` keeps every visible block.
+
+    Args:
+        scores: ``(B, H, nQ, nK)`` non-negative block scores.
+        visible: bool, broadcastable to ``scores``; invisible blocks are never kept.
+        forced: bool, broadcastable; kept first, their mass counts toward tau.
+        threshold: float or ``(1, H, 1, 1)`` per-head tensor in (0, 1].
+
+    Returns:
+        ``(B, H, nQ, nK)`` bool selection.
+
+    Example:
+        >>> s = torch.tensor([[[[0.1, 0.6, 0.3]]]])
+        >>> select_blocks(s, visible=torch.ones_like(s, dtype=torch.bool),
+        ...               forced=torch.zeros_like(s, dtype=torch.bool), threshold=0.8)
+        tensor([[[[False,  True,  True]]]])
+    """
+    visible = visible.expand_as(scores)
+    forced = forced.expand_as(scores) & visible
+    mass = scores.float().masked_fill(~visible, 0.0)
+    total = mass.sum(-1, keepdim=True)
+    forced_mass = mass.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
+    # Candidates sorted by score; non-candidates get -1 so they sort last.
+    candidate = visible & ~forced
+    ranked, order = mass.masked_fill(~candidate, -1.0).sort(dim=-1, descending=True, stable=True)
+    ranked_mass = ranked.clamp_min(0.0)
+    mass_before = ranked_mass.cumsum(-1) - ranked_mass
+    tau = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device)
+    keep_ranked = (ranked >= 0) & (forced_mass + mass_before < tau * total)
+    keep = torch.zeros_like(candidate).scatter(-1, order, keep_ranked)
+    # tau >= 1 keeps every visible block by rule: a float cumsum stops short of 1.
+    return torch.where(tau >= 1.0, visible, keep | forced)
+
+
+def to_kv_blocks(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, nQ, nK)`` bool to FlexAttention's ``kv_num_blocks`` ``(B, H, nQ)``
+    and ``kv_indices`` ``(B, H, nQ, nK)`` int32 (selected blocks first, ascending)."""
+    num = selected.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(selected.to(torch.uint8), dim=-1, descending=True, stable=True)
+    return num, indices.to(torch.int32)

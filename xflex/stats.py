@@ -1,0 +1,92 @@
+"""Per-call records of what xflex did: computed vs visible blocks, kept on the
+device until read, and the reason for each dense fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["CallRecord", "SparsityStats"]
+
+
+@dataclasses.dataclass
+class CallRecord:
+    """One attention call.
+
+    Attributes:
+        name: the SDPA call site (graph node name, module path when known).
+        query_shape, key_shape: shapes of q and k.
+        dense_reason: why the call ran dense SDPA, or None if it ran sparse.
+        selected_blocks, visible_blocks: ``(Hq,)`` int64 device tensors: blocks
+            computed and blocks visible (not masked out entirely), summed over
+            batch and query blocks. None for dense calls.
+    """
+
+    name: str
+    query_shape: tuple[int, ...]
+    key_shape: tuple[int, ...]
+    dense_reason: str | None = None
+    selected_blocks: torch.Tensor | None = None
+    visible_blocks: torch.Tensor | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.dense_reason is None
+
+    @property
+    def head_density(self) -> list[float] | None:
+        """Computed / visible blocks per query head (host sync), None if dense."""
+        if not self.sparse:
+            return None
+        return (self.selected_blocks.double() / self.visible_blocks.clamp_min(1).double()).tolist()
+
+
+class SparsityStats:
+    """What the attention calls inside one ``xflex.sparsity()`` block did.
+
+    ``density`` is computed / visible blocks over every sparse call, head and
+    batch entry; dense-fallback calls are listed in ``dense_calls``, not counted
+    as density 1.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+
+    def _sparse_totals(self, records: list[CallRecord]) -> tuple[int, int]:
+        sparse = [r for r in records if r.sparse]
+        if not sparse:
+            return 0, 0
+        selected = torch.stack([r.selected_blocks.sum().cpu() for r in sparse]).sum()
+        visible = torch.stack([r.visible_blocks.sum().cpu() for r in sparse]).sum()
+        return int(selected), int(visible)
+
+    @property
+    def density(self) -> float | None:
+        """Fraction of visible blocks computed (None when no call ran sparse)."""
+        selected, visible = self._sparse_totals(self.records)
+        return selected / visible if visible else None
+
+    @property
+    def sparse_calls(self) -> list[CallRecord]:
+        return [r for r in self.records if r.sparse]
+
+    @property
+    def dense_calls(self) -> list[CallRecord]:
+        return [r for r in self.records if not r.sparse]
+
+    def density_by_call(self) -> dict[str, float]:
+        """Density per call site (e.g. per layer), over all its sparse calls."""
+        by_name: dict[str, list[CallRecord]] = {}
+        for record in self.sparse_calls:
+            by_name.setdefault(record.name, []).append(record)
+        out = {}
+        for name, records in by_name.items():
+            selected, visible = self._sparse_totals(records)
+            out[name] = selected / visible if visible else float("nan")
+        return out
+
+    def __repr__(self) -> str:
+        density = self.density
+        shown = "n/a" if density is None else f"{density:.3f}"
+        return f"SparsityStats(density={shown}, sparse_calls={len(self.sparse_calls)}, dense_calls={len(self.dense_calls)})"
