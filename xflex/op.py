@@ -24,14 +24,30 @@ from .score_mods import antidiagonal_block_scores
 from .selection import forced_blocks, select_blocks, to_kv_blocks
 from .stats import CallRecord
 
-__all__ = ["sparse_sdpa", "dense_reason"]
+__all__ = ["sparse_sdpa", "dense_reason", "plan_blocks"]
 
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FROM_KV_BLOCKS_TAKES_COMPUTE_Q = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
+
+
+def _flex_attention_static(*args, **kwargs):
+    return flex_attention(*args, **kwargs)
+
+
+def _flex_attention_dynamic(*args, **kwargs):
+    return flex_attention(*args, **kwargs)
+
+
 # Compiled once and shared: FlexAttention only runs its block-sparse kernel
-# when compiled (eager flex_attention ignores the block structure).
-_compiled_flex_attention = torch.compile(flex_attention, fullgraph=True)
+# when compiled (eager flex_attention ignores the block structure). CPU
+# Inductor (2.13) emits C++ that does not build for flex with dynamic shapes
+# and a captured mask tensor, so CPU compiles one kernel per shape. Two
+# wrapper functions keep the two compile caches apart.
+_COMPILED_FLEX = {
+    "cpu": torch.compile(_flex_attention_static, fullgraph=True, dynamic=False),
+    "cuda": torch.compile(_flex_attention_dynamic, fullgraph=True),
+}
 
 # A custom op's kernel runs with every dispatch key above the backend
 # excluded; compiling flex_attention (functionalization, vmap) needs the
@@ -49,7 +65,7 @@ def _run_flex(query, key, value, *, block_mask, score_mod, scale, enable_gqa) ->
     # Distinct masks, dtypes and layouts each compile once; the default
     # recompile limit (8) would silently fall back to eager flex.
     with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-        return _compiled_flex_attention(
+        return _COMPILED_FLEX[query.device.type](
             query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa
         )
 
@@ -153,13 +169,21 @@ def _build_block_mask(selected, pattern: CallPattern, block_size: int, seq_lengt
     )
 
 
-def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Config, needs_grad: bool):
-    Lq, Lk = query.shape[2], key.shape[2]
+def plan_blocks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    config: Config,
+) -> tuple[CallPattern, torch.Tensor]:
+    """The call's mask semantics and the ``(B, Hq, nQ, nK)`` bool block selection
+    the sparse path computes (scorer -> forced blocks -> threshold selection)."""
     pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
     scores = _block_scores(query, key, pattern, config, scale)
     forced = forced_blocks(
-        Lq,
-        Lk,
+        query.shape[2],
+        key.shape[2],
         config.block_size,
         diagonal_offset=pattern.diagonal_offset,
         keep_sink=config.keep_sink and pattern.causal,
@@ -168,6 +192,12 @@ def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Co
     )
     threshold = config.threshold_tensor(query.shape[1], query.device)
     selected = select_blocks(scores, visible=pattern.visibility.any, forced=forced, threshold=threshold)
+    return pattern, selected
+
+
+def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Config, needs_grad: bool):
+    Lq, Lk = query.shape[2], key.shape[2]
+    pattern, selected = plan_blocks(query, key, attn_mask, is_causal, scale, config)
     block_mask = _build_block_mask(selected, pattern, config.block_size, (Lq, Lk), needs_grad)
     out = _run_flex(
         query,

@@ -1,0 +1,78 @@
+"""Plain-torch references the tests hold xflex to (float64, no FlexAttention)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    visible: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention in float64 with an element mask (True = attend) and an
+    additive bias; GQA by repeating K/V heads; rows that see nothing give 0."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    k = k.double().repeat_interleave(Hq // Hkv, dim=1)
+    v = v.double().repeat_interleave(Hq // Hkv, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (q.double() @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.double()
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return probs @ v
+
+
+def causal_visible(q_len: int, kv_len: int, offset: int = 0) -> torch.Tensor:
+    """``kv <= q + offset`` as a ``(1, 1, Lq, Lk)`` bool tensor."""
+    q = torch.arange(q_len)[:, None]
+    kv = torch.arange(kv_len)[None, :]
+    return (kv <= q + offset)[None, None]
+
+
+def blocks_to_elements(blocks: torch.Tensor, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
+    """Expand a ``(..., nQ, nK)`` block mask to ``(..., Lq, Lk)`` elements."""
+    return blocks.repeat_interleave(block_size, -2)[..., :q_len, :].repeat_interleave(block_size, -1)[..., :kv_len]
+
+
+def antidiagonal_scores_naive(q, k, *, stride, block_size, scale=None, causal_offset=None, block_visible=None):
+    """The XAttention block score by explicit loops over tiles (slow, obvious)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    S = stride
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    n_qt, n_kt = math.ceil(Lq / S), math.ceil(Lk / S)
+    n_qb, n_kb = math.ceil(Lq / block_size), math.ceil(Lk / block_size)
+    qd, kd = q.double(), k.double()
+    out = torch.zeros(B, Hq, n_qb, n_kb, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            logits = torch.full((n_qt, n_kt), float("-inf"), dtype=torch.float64)
+            for t in range(n_qt):
+                for u in range(n_kt):
+                    if causal_offset is not None and not u * S <= t * S + S - 1 + causal_offset:
+                        continue
+                    if block_visible is not None:
+                        bv = block_visible[min(b, block_visible.shape[0] - 1), min(h, block_visible.shape[1] - 1)]
+                        if not bv[t * S // block_size, u * S // block_size]:
+                            continue
+                    total = 0.0
+                    for r in range(S):
+                        qi, ki = t * S + S - 1 - r, u * S + r
+                        if qi < Lq and ki < Lk:
+                            total += float(qd[b, h, qi] @ kd[b, kh, ki])
+                    logits[t, u] = total * scale / S
+            probs = torch.softmax(logits, -1).nan_to_num(0.0)
+            for t in range(n_qt):
+                for u in range(n_kt):
+                    out[b, h, t * S // block_size, u * S // block_size] += probs[t, u]
+    return out
