@@ -3,6 +3,8 @@ real models use (GQA, HF-style repeat_kv + bool masks, bidirectional)."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,3 +57,11 @@ class TinyTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return x
+
+
+def count_xattn_compiles() -> mock._patch:
+    """Patch that counts graphs the ``xattn`` backend compiles (``.call_count``);
+    dynamo's own counters also count FlexAttention's inner compiles."""
+    import xflex.backend
+
+    return mock.patch.object(xflex.backend, "rewrite_sdpa", wraps=xflex.backend.rewrite_sdpa)

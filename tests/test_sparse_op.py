@@ -12,7 +12,7 @@ import xflex
 from xflex.op import plan_blocks
 
 BLOCK = 64
-torch.manual_seed(0)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _alibi(heads, q_len, kv_len):
@@ -21,8 +21,9 @@ def _alibi(heads, q_len, kv_len):
     return (slopes[:, None, None] * distance)[None]
 
 
-def make_case(kind, batch, hq, hkv, q_len, kv_len, dtype=torch.float32, seed=0):
-    """Inputs and the element-wise meaning of one SDPA call kind."""
+def make_case(kind, batch, hq, hkv, q_len, kv_len, dtype=torch.float32, seed=0, device="cpu"):
+    """Inputs (on ``device``) and the element-wise meaning (on the CPU) of one
+    SDPA call kind."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hq, q_len, 32, generator=gen).to(dtype)
     k = torch.randn(batch, hkv, kv_len, 32, generator=gen).to(dtype)
@@ -43,7 +44,8 @@ def make_case(kind, batch, hq, hkv, q_len, kv_len, dtype=torch.float32, seed=0):
         mask = bias.to(dtype)
         visible = bias != float("-inf")
         bias = mask.masked_fill(~visible, 0.0)
-    return q, k, v, mask, is_causal, visible, bias
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(q), move(k), move(v), move(mask), is_causal, visible, bias
 
 
 CASES = [
@@ -59,23 +61,25 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,batch,hq,hkv,q_len,kv_len", CASES)
 @pytest.mark.parametrize("threshold", [1.0, 0.6])
-def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len, kv_len, threshold):
-    q, k, v, mask, is_causal, visible, bias = make_case(kind, batch, hq, hkv, q_len, kv_len)
+def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len, kv_len, threshold, device):
+    q, k, v, mask, is_causal, visible, bias = make_case(kind, batch, hq, hkv, q_len, kv_len, device=device)
     config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, stride=8, threshold=threshold)
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv, config=config)
     assert stats.dense_calls == [], stats.dense_calls[0].dense_reason
     _, selected = plan_blocks(q, k, mask, is_causal, None, config)
     kept = visible & blocks_to_elements(selected, q_len, kv_len, BLOCK)
-    ref = attention_ref(q, k, v, visible=kept, bias=bias)
+    ref = attention_ref(q.cpu(), k.cpu(), v.cpu(), visible=kept.cpu(), bias=bias)
+    out = out.cpu()
     diff = (out.double() - ref).abs()
     print(f"density={stats.density:.3f} max={diff.max():.2e} mean={diff.mean():.2e}")
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
     if threshold == 1.0:
         assert stats.density == 1.0
-        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv).cpu()
         rows = visible.expand(batch, hq, q_len, kv_len).any(-1, keepdim=True)  # SDPA's own choice on empty rows
         torch.testing.assert_close(out * rows, sdpa * rows, rtol=1e-5, atol=1e-5)
     else:

@@ -333,7 +333,7 @@ def _sparse_sdpa_backward_op(
 
 @_sparse_sdpa_backward_op.register_fake
 def _(grad_out, query, key, value, *args):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -1,0 +1,87 @@
+"""Bad settings raise errors that name the setting and what it accepts."""
+
+import pytest
+import torch
+
+import xflex
+
+
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"threshold": 0.0}, "threshold"),
+        ({"threshold": 1.01}, "threshold"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"threshold": "high"}, "threshold"),
+        ({"threshold": []}, "threshold"),
+        ({"stride": 0}, "stride"),
+        ({"stride": 24}, "stride"),
+        ({"stride": 8.0}, "stride"),
+        ({"block_size": 96}, "block_size"),
+        ({"min_seq_len": -1}, "min_seq_len"),
+        ({"keep_sink": 1}, "keep_sink"),
+        ({"keep_recent": -64}, "keep_recent"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"scorer": "cuda"}, "scorer"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_bad_options_raise_naming_the_option(options, needle):
+    with pytest.raises(ValueError, match=needle):
+        xflex.Config.from_options(options)
+
+
+def test_sparsity_rejects_bad_values_before_running_anything():
+    with pytest.raises(ValueError, match="stride"):
+        with xflex.sparsity(stride=3):
+            pass
+    with pytest.raises(ValueError, match="block_size"):
+        with xflex.sparsity(block_size=64):
+            pass
+    with pytest.raises(ValueError, match="threshold"):
+        with xflex.sparsity(threshold=2):
+            pass
+
+
+def test_stride_must_divide_the_compiled_block_size_at_run_time():
+    q = torch.randn(1, 2, 256, 16)
+    config = xflex.Config(block_size=32, min_seq_len=0)
+    with xflex.sparsity(stride=64), pytest.raises(ValueError, match="stride"):
+        xflex.sparse_sdpa(q, q, q, config=config)
+
+
+def test_per_head_threshold_needs_one_value_per_head():
+    q = torch.randn(1, 2, 256, 16)
+    with xflex.sparsity(threshold=[0.9, 0.9, 0.9]), pytest.raises(ValueError, match="one value per query head"):
+        xflex.sparse_sdpa(q, q, q, config=xflex.Config(block_size=64, min_seq_len=0))
+
+
+@pytest.mark.parametrize(
+    "shapes,kwargs,needle",
+    [
+        (((1, 4, 256, 16), (1, 3, 256, 16), (1, 3, 256, 16)), {"enable_gqa": True}, "Hq=4, Hkv=3"),
+        (((1, 4, 256, 16), (1, 2, 256, 16), (1, 2, 256, 16)), {}, "enable_gqa"),
+        (((1, 2, 256, 16), (1, 2, 256, 32), (1, 2, 256, 16)), {}, "E=16 and E=32"),
+        (((1, 2, 256, 16), (1, 2, 256, 16), (1, 2, 200, 16)), {}, "key and value"),
+        (((1, 2, 256, 16), (2, 2, 256, 16), (2, 2, 256, 16)), {}, "batch"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(shapes, kwargs, needle):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=needle):
+        xflex.sparse_sdpa(q, k, v, config=xflex.Config(block_size=64, min_seq_len=0), **kwargs)
+
+
+def test_bad_mask_and_arguments():
+    q = torch.randn(1, 2, 256, 16)
+    config = xflex.Config(block_size=64, min_seq_len=0)
+    with pytest.raises(ValueError, match="attn_mask"):
+        xflex.sparse_sdpa(q, q, q, attn_mask=torch.ones(3, 256, 256, dtype=torch.bool), config=config)
+    with pytest.raises(ValueError, match="attn_mask must be None when is_causal"):
+        xflex.sparse_sdpa(q, q, q, attn_mask=torch.ones(256, 256, dtype=torch.bool), is_causal=True, config=config)
+    with pytest.raises(ValueError, match="attn_mask must be bool or floating"):
+        xflex.sparse_sdpa(q, q, q, attn_mask=torch.ones(256, 256, dtype=torch.int64), config=config)
+    with pytest.raises(ValueError, match="dropout_p"):
+        xflex.sparse_sdpa(q, q, q, dropout_p=1.5)
+    with pytest.raises(TypeError, match="is_causal"):
+        xflex.sparse_sdpa(q, q, q, is_causal=1)

@@ -1,0 +1,193 @@
+"""Robustness: dynamic shapes without extra recompiles, SDPA corner cases,
+gradients and dropout, random settings through the compiled path."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+from models import TinyTransformer, count_xattn_compiles
+from reference import attention_ref, blocks_to_elements, causal_visible
+
+import xflex
+from xflex.op import plan_blocks
+
+HAS_CUDA = torch.cuda.is_available()
+BLOCK = 64
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The layouts models pass: contiguous (B, H, L, D), or a (B, L, H, D)
+    buffer transposed, or a sliced fused-QKV buffer."""
+    if layout == "transposed":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "sliced":
+        return torch.cat([x, torch.zeros_like(x)], dim=-1)[..., : x.shape[-1]]
+    return x
+
+
+@st.composite
+def sdpa_call(draw):
+    groups = draw(st.sampled_from([1, 2, 4, 8]))
+    hkv = draw(st.sampled_from([1, 2]))
+    q_len = draw(st.sampled_from([70, 130, 257]))
+    kv_len = draw(st.sampled_from([q_len, 200]))
+    head_dim = draw(st.sampled_from([16, 64, 80]))
+    value_dim = draw(st.sampled_from([head_dim, 32]))
+    causal = draw(st.booleans())
+    layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    threshold = draw(st.sampled_from([1.0, 0.7, 0.3]))
+    stride = draw(st.sampled_from([4, 8, 16]))
+    return groups, hkv, q_len, kv_len, head_dim, value_dim, causal, layout, dtype, threshold, stride
+
+
+# Each new shape compiles FlexAttention once on the CPU: keep examples few.
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sdpa_call(), st.integers(0, 2**31 - 1))
+def test_corner_cases_match_the_reference(call, seed):
+    """Any shape: exact SDPA semantics at tau=1, the selected blocks otherwise,
+    or a dense fallback with a reason (e.g. query shorter than a block)."""
+    groups, hkv, q_len, kv_len, head_dim, value_dim, causal, layout, dtype, threshold, stride = call
+    gen = torch.Generator().manual_seed(seed)
+    hq = hkv * groups
+    q = _layout(torch.randn(2, hq, q_len, head_dim, generator=gen).to(dtype), layout)
+    k = _layout(torch.randn(2, hkv, kv_len, head_dim, generator=gen).to(dtype), layout)
+    v = _layout(torch.randn(2, hkv, kv_len, value_dim, generator=gen).to(dtype), layout)
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, stride=stride, threshold=threshold)
+    with xflex.sparsity() as stats:
+        out = xflex.sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=groups > 1, config=config)
+    assert out.shape == (2, hq, q_len, value_dim) and out.dtype == dtype
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=groups > 1)
+    if stats.dense_calls:
+        assert q_len < BLOCK
+        assert torch.equal(out, sdpa)
+        return
+    _, selected = plan_blocks(q, k, None, causal, None, config)
+    visible = causal_visible(q_len, kv_len) if causal else torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
+    ref = attention_ref(q, k, v, visible=visible & blocks_to_elements(selected, q_len, kv_len, BLOCK))
+    tol = 1e-5 if dtype == torch.float32 else 2 * (sdpa.double() - attention_ref(q, k, v, visible=visible)).abs().max().item() + 1e-3
+    diff = (out.double() - ref).abs().max().item()
+    print(f"density={stats.density:.3f} max diff={diff:.2e} tol={tol:.2e}")
+    assert diff <= tol
+    if threshold == 1.0:
+        torch.testing.assert_close(out.double(), sdpa.double(), rtol=0, atol=tol + 1e-5)
+
+
+def test_dynamic_shapes_recompile_no_more_than_dense_compile():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    counter = torch._dynamo.testing.CompileCounter()
+    lengths = [300, 356, 513, 200]
+    dense = torch.compile(model, backend=counter)
+    sparse = torch.compile(TinyTransformer().eval(), backend="xattn", options={"block_size": BLOCK, "min_seq_len": BLOCK})
+    with count_xattn_compiles() as xattn_compiles, torch.no_grad():
+        for L in lengths:
+            x, padding = torch.randn(1, L, 64), torch.ones(1, L, dtype=torch.bool)
+            dense(x, padding)
+            with xflex.sparsity(threshold=0.8) as stats:
+                sparse(x, padding)
+            assert len(stats.sparse_calls) == 3
+    print("dense compiles", counter.frame_count, "xattn compiles", xattn_compiles.call_count)
+    assert 1 <= xattn_compiles.call_count <= counter.frame_count
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def compiled_causal_attention():
+    """One compiled SDPA call with dynamic shapes, shared by the random-settings test."""
+    torch._dynamo.reset()
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    yield torch.compile(attend, backend="xattn", dynamic=True, options={"block_size": BLOCK, "min_seq_len": BLOCK})
+    torch._dynamo.reset()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    q_len=st.sampled_from([100, 256]),
+    groups=st.sampled_from([1, 2]),
+    threshold=st.one_of(
+        st.floats(0.05, 1.0), st.floats(-0.5, 1.5), st.lists(st.floats(0.1, 1.0), min_size=1, max_size=5)
+    ),
+    stride=st.one_of(st.sampled_from([4, 8, 16]), st.sampled_from([0, 3, 128])),
+    keep_recent=st.one_of(st.integers(0, 200), st.just(-10)),
+    enabled=st.booleans(),
+)
+def test_random_settings_give_the_right_answer_or_a_clear_error(
+    compiled_causal_attention, q_len, groups, threshold, stride, keep_recent, enabled
+):
+    torch.manual_seed(q_len)
+    q = torch.randn(1, 2 * groups, q_len, 16)
+    k, v = torch.randn(1, 2, q_len, 16), torch.randn(1, 2, q_len, 16)
+    settings_ = dict(threshold=threshold, stride=stride, keep_recent=keep_recent, enabled=enabled)
+    try:
+        with xflex.sparsity(**settings_) as stats:
+            out = compiled_causal_attention(q, k, v)
+    except ValueError as error:
+        message = str(error)
+        assert any(name in message for name in ("threshold", "stride", "keep_recent")), message
+        return
+    config = xflex.context.effective_config(xflex.Config(block_size=BLOCK, min_seq_len=BLOCK))
+    config = config.override(settings_)
+    if stats.dense_calls:
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        return
+    _, selected = plan_blocks(q, k, None, True, None, config)
+    visible = causal_visible(q_len, q_len) & blocks_to_elements(selected, q_len, q_len, BLOCK)
+    torch.testing.assert_close(out.double(), attention_ref(q, k, v, visible=visible), rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_cpu_falls_back_to_dense_with_exact_gradients():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    twin = TinyTransformer()
+    twin.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="xattn", options={"block_size": BLOCK, "min_seq_len": BLOCK})
+    x, padding = torch.randn(1, 200, 64), torch.ones(1, 200, dtype=torch.bool)
+    with xflex.sparsity(threshold=0.5) as stats:
+        compiled(x, padding).square().mean().backward()
+    twin(x, padding).square().mean().backward()
+    assert [r.dense_reason for r in stats.records] == ["gradients on CPU (FlexAttention has no CPU backward)"] * 3
+    for (name, p), t in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, t.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch._dynamo.reset()
+
+
+def test_attention_dropout_in_training_stays_dense():
+    torch._dynamo.reset()
+
+    def attend(q):
+        return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+    torch.compile(attend, backend="xattn")(torch.randn(1, 2, 128, 16))
+    (entry,) = xflex.last_compile_report()
+    assert not entry["rewritten"] and "dropout" in entry["reason"]
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="FlexAttention's backward needs CUDA")
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
+def test_gpu_gradients_through_the_sparse_path(threshold):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 700, 64, device="cuda", requires_grad=True) for _ in range(3))
+    config = xflex.Config(block_size=128, min_seq_len=128, threshold=threshold)
+    with xflex.sparsity() as stats:
+        out = xflex.sparse_sdpa(q, k, v, is_causal=True, config=config)
+    assert stats.dense_calls == []
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    if threshold == 1.0:
+        expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
+    else:  # gradients of dense attention restricted to the selected blocks
+        _, selected = plan_blocks(q, k, None, True, None, config)
+        visible = (causal_visible(700, 700).cuda() & blocks_to_elements(selected, 700, 700, 128))
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible)
+        expected = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
