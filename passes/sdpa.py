@@ -70,6 +70,9 @@ def _call_site_name(node: fx.Node) -> str:
         path = str(list(stack.values())[-1][0])
         # "L['self'].model.layers[3].self_attn" -> "model.layers.3.self_attn"
         path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+        # Modules whose __getattr__ is custom (diffusers) are recorded through
+        # their __dict__: "L['self'].__dict__['_modules']['blocks'].0.attn1".
+        path = re.sub(r"\.?__dict__\['_modules'\]", "", path)
         return re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).lstrip(".") or node.name
     return node.name
 

@@ -6,6 +6,7 @@ from .context import sparsity
 from .op import sparse_sdpa
 from .stats import CallRecord, SparsityStats
 from .backend import last_compile_report, xattn
+from .warmup import dense_warmup
 
-__all__ = ["CallRecord", "Config", "SparsityStats", "last_compile_report", "sparse_sdpa", "sparsity", "xattn"]
+__all__ = ["CallRecord", "Config", "SparsityStats", "dense_warmup", "last_compile_report", "sparse_sdpa", "sparsity", "xattn"]
 __version__ = "0.1.0"

@@ -30,8 +30,8 @@ class CallPattern:
     causal_offset: reduced-space causal mask for the scorer (None: not causal).
     diagonal_offset: key position of a query's own position is ``q + offset``
         (None: no such notion, e.g. cross-attention).
-    causal: the call is causal-like (is_causal or an explicit mask), so the
-        sink block applies.
+    causal: the call is causal-like (is_causal, or an explicit mask with a
+        query axis), so the sink block applies.
     captures_tensors: mask_mod/score_mod read captured tensors.
     """
 
@@ -93,15 +93,18 @@ def call_pattern(
     else:
         visible = mask != float("-inf")
         mask_mod, score_mod = None, additive_bias(mask.expand(full_shape))
+    # A mask without a query axis only hides keys (padding): the call is
+    # bidirectional. A full (Lq, Lk) mask is taken as causal-like (Hugging Face
+    # LLMs), and with Lq < Lk as a KV prefix (chunked prefill): a query's own
+    # position is bottom-right aligned.
+    keys_only = mask.shape[-2] == 1
     visible = visible.expand(visible.shape[0], visible.shape[1], Lq, Lk)
     return CallPattern(
         mask_mod=mask_mod,
         score_mod=score_mod,
         visibility=tensor_block_visibility(visible, block_size),
         causal_offset=None,
-        # Explicit masks with Lq < Lk are KV-prefix (chunked prefill) masks:
-        # a query's own position is bottom-right aligned.
-        diagonal_offset=Lk - Lq,
-        causal=True,
+        diagonal_offset=(0 if Lq == Lk else None) if keys_only else Lk - Lq,
+        causal=not keys_only,
         captures_tensors=True,
     )
