@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from collections.abc import Callable, Iterator
 from unittest import mock
 
@@ -230,12 +229,6 @@ CASES = {
 }
 
 
-def _site(name: str) -> str:
-    """Call-site name without the ``__dict__._modules.`` dynamo puts in module
-    paths of diffusers models (``ModelMixin.__getattr__``)."""
-    return re.sub(r"(^|\.)__dict__\._modules\.", r"\1", name)
-
-
 @dataclasses.dataclass
 class Compiled:
     case: Case
@@ -319,11 +312,11 @@ def test_every_attention_call_is_accounted_for(compiled_models, name):
     model = compiled_models(name)
     sites = model.case.sites
     assert model.graphs == 1, f"{name} compiled to {model.graphs} graphs (graph breaks?)"
-    assert [_site(entry["name"]) for entry in model.report] == list(sites)
+    assert [entry["name"] for entry in model.report] == list(sites)
     assert all(entry["rewritten"] for entry in model.report), model.report
     assert model.eager_masks == [site.mask for site in sites.values()]
     records = model.first_call.records
-    assert [_site(r.name) for r in records] == list(sites)
+    assert [r.name for r in records] == list(sites)
     for record, (site_name, site) in zip(records, sites.items()):
         if site.dense_reason is None:
             assert record.sparse, f"{site_name} ran dense: {record.dense_reason}"
@@ -344,7 +337,7 @@ def test_sparsity_off_and_threshold_one_match_eager(compiled_models, name):
     with xflex.sparsity(threshold=1.0) as stats:
         full = model()
     eligible = [n for n, site in model.case.sites.items() if site.dense_reason is None]
-    assert [_site(r.name) for r in stats.sparse_calls] == eligible
+    assert [r.name for r in stats.sparse_calls] == eligible
     assert stats.density == 1.0
     print(f"{name} threshold 1.0: {_max_mean_diff(full, model.expected)}")
     torch.testing.assert_close(full, model.expected, **TOL)
@@ -382,7 +375,7 @@ def test_low_threshold_selects_blocks(compiled_models, name):
     text_key_kept = []
     assert len(records) == len(selections) == sum(site.dense_reason is None for site in model.case.sites.values())
     for record, (pattern, selected) in zip(records, selections):
-        site = model.case.sites[_site(record.name)]
+        site = model.case.sites[record.name]
         density = stats.density_by_call()[record.name]
         assert 0 < density < 1, f"{record.name}: density {density}"
         visible = pattern.visibility.any.expand_as(selected)
@@ -399,7 +392,7 @@ def test_low_threshold_selects_blocks(compiled_models, name):
         text_cols = selected[:, :, video_blocks][..., text_blocks].sum() / visible[:, :, video_blocks][..., text_blocks].sum()
         sink = selected[..., 0].float().mean()
         print(
-            f"{name} {_site(record.name)}: text blocks {text_blocks} of {selected.shape[2]}; "
+            f"{name} {record.name}: text blocks {text_blocks} of {selected.shape[2]}; "
             f"text query rows keep {text_rows:.2f} of visible blocks; "
             f"video query rows keep the text key blocks {text_cols:.2f} of the time; "
             f"key block 0 kept by {sink:.2f} of rows; call density {density:.2f}"
@@ -486,9 +479,9 @@ def test_dense_warmup_in_a_denoising_loop(compiled_models, hooked):
             uncond = wan(hidden_states=latents, timestep=timestep, encoder_hidden_states=torch.zeros_like(text))
             latents = latents - 0.2 * (uncond + 5.0 * (cond - uncond))
     assert (warmup.dense_calls, warmup.sparse_calls) == (4, 4)
-    self_attention = [r for r in stats.records if _site(r.name) == "blocks.0.attn1"]
+    self_attention = [r for r in stats.records if r.name == "blocks.0.attn1"]
     assert [r.dense_reason for r in self_attention] == ["sparsity disabled"] * 4 + [None] * 4
-    assert all(r.dense_reason is not None for r in stats.records if _site(r.name) == "blocks.0.attn2")
+    assert all(r.dense_reason is not None for r in stats.records if r.name == "blocks.0.attn2")
     assert stats.density < 1
     assert torch.isfinite(latents).all()
     assert compiles.call_count == 0
