@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from synthetic import llm_like_qkv  # noqa: E402
+from synthetic import llm_like_inputs  # noqa: E402
 
 import xflex  # noqa: E402
 from xflex import op as xop  # noqa: E402
@@ -32,7 +32,7 @@ def _time(fn) -> float:
 
 
 def _dense(q, k, v, backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     def run():
         with sdpa_kernel(backend):
@@ -44,7 +44,7 @@ def _dense(q, k, v, backend):
 def check_correctness(length: int) -> float:
     from torch.nn.attention import SDPBackend
 
-    q, k, v = llm_like_qkv(1, 32, length, 128, seed=1)
+    q, k, v = llm_like_inputs(length, seed=1)
     out = xflex.sparse_sdpa(q, k, v, is_causal=True, config=xflex.Config(threshold=1.0))
     ref = _dense(q, k, v, SDPBackend.CUDNN_ATTENTION)()
     err = (out.float() - ref.float()).abs().max().item()
@@ -55,7 +55,7 @@ def check_correctness(length: int) -> float:
 def bench_length(length: int, strides: list[int], threshold: float, heads: int, kv_heads: int) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
-    q, k, v = llm_like_qkv(1, heads, length, 128, kv_heads=kv_heads)
+    q, k, v = llm_like_inputs(length, heads=heads, kv_heads=kv_heads)
     rows = []
     t_cudnn = _time(_dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
     t_flash = _time(_dense(q, k, v, SDPBackend.FLASH_ATTENTION))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from synthetic import llm_like_qkv  # noqa: E402
+from synthetic import llm_like_inputs  # noqa: E402
 
 import xflex  # noqa: E402
 
@@ -31,7 +31,7 @@ def _cuda_timed(benchmark, fn):
 
 @pytest.fixture(scope="module", params=LENGTHS, ids=lambda L: f"L{L // 1024}K")
 def inputs(request):
-    return llm_like_qkv(1, 32, request.param, 128)
+    return llm_like_inputs(request.param)
 
 
 def test_cudnn_dense(benchmark, inputs):

@@ -138,9 +138,9 @@ def _validate_config(c: Config) -> None:
     )
     _check(c.block_size in _BLOCK_SIZES, "block_size", f"one of {_BLOCK_SIZES}", c.block_size)
     _check(
-        _is_int(c.stride) and c.stride >= 1 and c.block_size % c.stride == 0,
+        _is_int(c.stride) and c.stride >= 1 and c.block_size % c.stride == 0 and c.block_size // c.stride <= 128,
         "stride",
-        f"a positive int dividing block_size={c.block_size} (e.g. 4, 8, 16)",
+        f"a positive int dividing block_size={c.block_size}, at least block_size/128 (e.g. 4, 8, 16)",
         c.stride,
     )
     _check(_is_int(c.min_seq_len) and c.min_seq_len >= 0, "min_seq_len", "an int >= 0", c.min_seq_len)

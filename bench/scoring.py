@@ -1,0 +1,239 @@
+"""XAttention's block estimate (Xu et al., "XAttention: Block Sparse Attention
+with Antidiagonal Scoring", ICML 2025): fused Triton scoring plus threshold
+selection, timed against dense cuDNN attention on one GPU.
+
+Run ``python -m bench.scoring`` (or ``python bench/scoring.py``) on a CUDA
+machine; ``--quick`` for 8K/16K only, ``--long`` to add 256K, ``--out FILE`` to
+save the table as markdown. The Triton scores are checked against the
+plain-torch reference at 8K before anything is timed.
+
+Inputs (B=1, H=32, D=128, bf16, causal): see bench/synthetic.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic import INPUTS, llm_like_inputs  # noqa: E402,F401  (llm_like_inputs: used by test_bench_scoring)
+
+_K = 1024
+_LENGTHS = (8 * _K, 16 * _K, 32 * _K, 64 * _K, 128 * _K)
+_QUICK_LENGTHS = (8 * _K, 16 * _K)
+_LONG_LENGTHS = (256 * _K,)
+_STRIDES = (8, 16)
+_BLOCK_SIZE = 128
+_THRESHOLD = 0.9
+_REFERENCE_MAX_LEN = 32 * _K  # the plain-torch scorer is timed up to here
+_CHECK_LEN = 8 * _K
+# do_bench budgets (ms): a few runs per measurement at 128K keep the default run short.
+_WARMUP_MS, _REP_MS = 25, 100
+
+
+
+
+def score(q, k, stride):
+    """The fused Triton scorer on a causal call."""
+    from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton
+
+    return antidiagonal_block_scores_triton(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
+
+
+def reference_score(q, k, stride):
+    from xflex.score_mods import antidiagonal_block_scores
+
+    return antidiagonal_block_scores(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
+
+
+def select(scores, q_len, kv_len):
+    """Forced blocks, tau-selection and FlexAttention's kv-block layout: what
+    ``xflex.op`` does between scoring and attention on a causal call."""
+    from xflex.score_mods import causal_block_visibility
+    from xflex.selection import forced_blocks, select_blocks, to_kv_blocks
+
+    device = scores.device
+    visible = causal_block_visibility(q_len, kv_len, _BLOCK_SIZE, 0, device).any
+    forced = forced_blocks(q_len, kv_len, _BLOCK_SIZE, diagonal_offset=0, keep_sink=True, keep_recent=0, device=device)
+    selected = select_blocks(scores, visible=visible, forced=forced, threshold=_THRESHOLD)
+    return selected, to_kv_blocks(selected), visible
+
+
+def dense_attention(q, k, v):
+    """``(name, fn)``: causal SDPA on cuDNN, else FlashAttention, whichever runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = q.shape[1] != k.shape[1]
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+        try:
+            run()
+        except RuntimeError:
+            continue
+        return name, run
+    raise RuntimeError("neither cuDNN nor FlashAttention SDPA runs on this GPU/torch")
+
+
+def time_ms(fn) -> float:
+    """Median GPU time of ``fn`` (triton.testing.do_bench, L2 flushed per run)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=_WARMUP_MS, rep=_REP_MS, return_mode="median")
+
+
+def peak_extra_mib(fn) -> float:
+    """Peak GPU memory ``fn`` allocates beyond what is live before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    del result
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def check_against_reference(kinds, heads, kv_heads) -> None:
+    """Triton scores equal the reference on the same bf16 inputs (only
+    summation order differs); raises before any timing otherwise."""
+    for kind in kinds:
+        q, k, _ = INPUTS[kind](_CHECK_LEN, heads=heads, kv_heads=kv_heads)
+        for stride in _STRIDES:
+            got, want = score(q, k, stride), reference_score(q, k, stride)
+            diff = (got - want).abs()
+            print(f"check {kind} L={_CHECK_LEN} S={stride}: max diff {diff.max().item():.3g}, mean {diff.mean().item():.3g}")
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def _best_config() -> str:
+    from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel
+
+    c = _antidiagonal_scores_kernel.best_config
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+
+
+def run_case(length, kinds, heads, kv_heads, head_dim=128):
+    """Table rows for one length: one per (stride, input kind)."""
+    from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel
+
+    # The autotuner's key leaves out the length: tune afresh so each row shows its best config.
+    _antidiagonal_scores_kernel.cache.clear()
+    rows, dense_ms = [], None
+    causal_pairs = length * (length + 1) / 2
+    for kind in kinds:
+        q, k, v = INPUTS[kind](length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+        if dense_ms is None:  # the dense time does not depend on the values
+            dense_name, dense = dense_attention(q, k, v)
+            dense_ms = time_ms(dense)
+            dense_tflops = _tflops(4 * heads * causal_pairs * head_dim, dense_ms)
+        for stride in _STRIDES:
+            scores = score(q, k, stride)  # compiles and autotunes outside the timing
+            score_ms = time_ms(lambda: score(q, k, stride))
+            reduced_pairs = math.ceil(length / stride) * (math.ceil(length / stride) + 1) / 2
+            score_tflops = _tflops(2 * heads * reduced_pairs * stride * head_dim, score_ms)
+            select_ms = time_ms(lambda: select(scores, length, length))
+            selected, _, visible = select(scores, length, length)
+            density = selected.sum().item() / (visible.sum().item() * heads)
+            ref_ms = time_ms(lambda: reference_score(q, k, stride)) if length <= _REFERENCE_MAX_LEN else None
+            del scores, selected
+            mib = peak_extra_mib(lambda: select(score(q, k, stride), length, length))
+            rows.append(
+                dict(
+                    L=f"{length // _K}K",
+                    S=stride,
+                    inputs=kind,
+                    dense=f"{dense_ms:.2f} ({dense_name}, {dense_tflops:.0f} TF/s)",
+                    score=f"{score_ms:.2f} ({score_tflops:.0f} TF/s)",
+                    select=f"{select_ms:.2f}",
+                    ratio=f"{(score_ms + select_ms) / dense_ms:.1%}",
+                    density=f"{density:.2f}",
+                    reference="-" if ref_ms is None else f"{ref_ms:.2f}",
+                    memory=f"{mib:.0f}",
+                    config=_best_config(),
+                )
+            )
+            print(" | ".join(str(x) for x in rows[-1].values()), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+_HEADER = {
+    "L": "L",
+    "S": "S",
+    "inputs": "inputs",
+    "dense": "dense SDPA ms",
+    "score": "Triton score ms",
+    "select": "select ms",
+    "ratio": "(score+select)/dense",
+    "density": f"density @ tau {_THRESHOLD}",
+    "reference": "torch score ms",
+    "memory": "peak extra MiB",
+    "config": "kernel config",
+}
+
+
+def markdown_table(rows) -> str:
+    lines = ["| " + " | ".join(_HEADER.values()) + " |", "|" + "---|" * len(_HEADER)]
+    lines += ["| " + " | ".join(str(row[key]) for key in _HEADER) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time XAttention's Triton scoring + selection against dense cuDNN SDPA "
+        f"(B=1, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD})."
+    )
+    parser.add_argument("--quick", action="store_true", help="8K and 16K only")
+    parser.add_argument("--long", action="store_true", help="add 256K")
+    parser.add_argument("--out", metavar="FILE", help="also write the table as markdown to FILE")
+    parser.add_argument("--inputs", choices=[*INPUTS, "all"], default="all", help="input kind (default: all)")
+    parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    args = parser.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads must be a multiple of --kv-heads, but got {args.heads} and {args.kv_heads}")
+    args.lengths = (_QUICK_LENGTHS if args.quick else _LENGTHS) + (_LONG_LENGTHS if args.long else ())
+    args.kinds = list(INPUTS) if args.inputs == "all" else [args.inputs]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.scoring times GPU kernels: it needs CUDA")
+    import triton
+
+    title = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+        f"B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD}"
+    )
+    print(title)
+    check_against_reference(args.kinds, args.heads, args.kv_heads)
+    print(" | ".join(_HEADER.values()))
+    rows = []
+    for length in args.lengths:
+        rows += run_case(length, args.kinds, args.heads, args.kv_heads)
+    table = markdown_table(rows)
+    print()
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"{title}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

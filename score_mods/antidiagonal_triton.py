@@ -1,0 +1,386 @@
+"""XAttention antidiagonal block scoring (Xu et al., "XAttention: Block Sparse
+Attention with Antidiagonal Scoring", ICML 2025): the fused Triton kernel.
+
+Same math as ``antidiagonal.antidiagonal_block_scores`` (the plain-torch
+reference), computed without ever writing the ``[Lq/S, Lk/S]`` reduced logits:
+each program owns ``BLOCK_M`` reduced query rows (whole query blocks), runs the
+reduced GEMM ``Qs @ Ks^T`` over key tiles straight from strided q and k, and
+keeps an online softmax per row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .antidiagonal import _validate
+
+__all__ = ["antidiagonal_block_scores_triton"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634  # 1/ln(2): the kernel works in base 2 (exp2/log2)
+# Scratch of per-(query tile, key block) log-sum-exps, fp32: Bs/S times smaller
+# than the reduced matrix; long inputs are scored in query chunks that fit it.
+_SCRATCH_BYTES = 256 * 2**20
+
+# Tiles are counted in reduced rows (S tokens each): BLOCK_M query tiles by
+# BLOCK_N key tiles, the S*D reduction walked BLOCK_K columns per step.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+]
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # query chunks are multiples of it
+# A program covers whole blocks: some config must have BLOCK_M and BLOCK_N >= Bs/S.
+_MAX_TILES_PER_BLOCK = max(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _CONFIGS)
+
+
+def _block_k(head_dim: int) -> int:
+    """Reduction columns per step: a divisor of D when one is >= 16 (no masking),
+    else D rounded up to a power of two (masked; tl.dot needs K >= 16)."""
+    divisors = [bk for bk in (64, 32, 16) if head_dim % bk == 0]
+    return divisors[0] if divisors else min(64, max(16, triton.next_power_of_2(head_dim)))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    tiles = kwargs["TILES_PER_BLOCK"]
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] >= tiles and c.kwargs["BLOCK_N"] >= tiles]
+    # The interpreter cannot time kernels: it runs the smallest tiles (fastest on CPU).
+    return [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])] if _interpreting() else fitting
+
+
+@triton.jit
+def _reduced_logits(
+    q_rows,
+    q_row_last,
+    k_cols,
+    k_row_first,
+    q_len,
+    k_len,
+    stride_ql,
+    stride_qd,
+    stride_kl,
+    stride_kd,
+    STRIDE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_N]`` fp32 antidiagonal sums: reduction column ``r*D + d``
+    pairs query row ``t*S + S-1-r`` with key row ``u*S + r``; rows past the
+    sequence read as zero. ``q_rows``/``k_cols`` point at rows ``t*S + S-1`` and
+    ``u*S``; ``q_row_last``/``k_row_first`` are those row indices."""
+    D_CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(STRIDE * D_CHUNKS):
+        r = step // D_CHUNKS
+        d = (step % D_CHUNKS) * BLOCK_K + offs_k
+        q_mask = (q_row_last - r < q_len)[:, None]
+        k_mask = (k_row_first + r < k_len)[None, :]
+        if HEAD_DIM % BLOCK_K != 0:
+            q_mask = q_mask & (d < HEAD_DIM)[None, :]
+            k_mask = k_mask & (d < HEAD_DIM)[:, None]
+        q_tile = tl.load(q_rows - r * stride_ql + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        k_tile = tl.load(k_cols + r * stride_kl + d[:, None] * stride_kd, mask=k_mask, other=0.0)
+        acc = tl.dot(q_tile, k_tile, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _antidiagonal_scores_kernel(
+    q_ptr,
+    k_ptr,
+    visible_ptr,
+    scratch_ptr,
+    out_ptr,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vq,
+    stride_vk,
+    stride_sh,
+    stride_sr,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    num_heads,
+    group_size,
+    q_len,
+    k_len,
+    tile_start,
+    diag_shift,
+    qk_scale,
+    STRIDE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+    HAS_CAUSAL: tl.constexpr,
+    HAS_BLOCK_VISIBLE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program: ``BLOCK_M`` reduced query rows of one (batch, query head).
+    Reduced row ``t`` sees key tile ``u`` when ``u < ceil(Lk/S)``, ``u <= t +
+    diag_shift`` (causal) and the block-level mask allows ``(t//T, u//T)``."""
+    # One GEMM pass (online softmax, per-block log-sum-exps parked in scratch and
+    # renormalised at the end) rather than two: the reduced GEMM is the cost.
+    tl.static_assert(BLOCK_M % TILES_PER_BLOCK == 0)
+    tl.static_assert(BLOCK_N % TILES_PER_BLOCK == 0)
+    tl.static_assert(BLOCK_K >= 16)
+    Q_BLOCKS: tl.constexpr = BLOCK_M // TILES_PER_BLOCK
+    K_BLOCKS: tl.constexpr = BLOCK_N // TILES_PER_BLOCK
+
+    # Heaviest (causal: last) query rows first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    n_q_tiles = tl.cdiv(q_len, STRIDE)
+    n_k_tiles = tl.cdiv(k_len, STRIDE)
+    n_q_blocks = tl.cdiv(n_q_tiles, TILES_PER_BLOCK)
+    n_k_blocks = tl.cdiv(n_k_tiles, TILES_PER_BLOCK)
+
+    local_t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row within this launch's chunk
+    t = tile_start + local_t
+    q_row_last = t * STRIDE + STRIDE - 1
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_row_last.to(tl.int64)[:, None] * stride_ql
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group_size).to(tl.int64) * stride_kh
+    scratch_rows = scratch_ptr + pid_bh.to(tl.int64) * stride_sh + local_t[:, None] * stride_sr
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_kb = tl.arange(0, K_BLOCKS)
+
+    # Causal early exit: key tiles past the last row's diagonal never load.
+    k_tile_end = n_k_tiles
+    if HAS_CAUSAL:
+        last_t = tl.minimum(tile_start + (pid_m + 1) * BLOCK_M, n_q_tiles) - 1
+        k_tile_end = tl.minimum(k_tile_end, last_t + diag_shift + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(x - m_i)
+    for u0 in range(0, k_tile_end, BLOCK_N):
+        u = u0 + offs_n
+        kb = u0 // TILES_PER_BLOCK + offs_kb
+        visible = (t < n_q_tiles)[:, None] & (u < n_k_tiles)[None, :]
+        if HAS_CAUSAL:
+            visible = visible & (u[None, :] <= t[:, None] + diag_shift)
+        if HAS_BLOCK_VISIBLE:  # per (row, key block): [BLOCK_M, K_BLOCKS], not per element
+            allowed = (
+                tl.load(
+                    visible_ptr
+                    + b * stride_vb
+                    + h * stride_vh
+                    + (t // TILES_PER_BLOCK)[:, None] * stride_vq
+                    + kb[None, :] * stride_vk,
+                    mask=(t < n_q_tiles)[:, None] & (kb < n_k_blocks)[None, :],
+                    other=0,
+                )
+                != 0
+            )
+        # Key blocks the block mask hides from every row are skipped, not computed.
+        has_keys = tl.max(allowed.to(tl.int32)) > 0 if HAS_BLOCK_VISIBLE else True
+        block_lse = tl.full([BLOCK_M, K_BLOCKS], float("-inf"), dtype=tl.float32)
+        if has_keys:
+            k_row_first = u * STRIDE
+            logits = _reduced_logits(
+                q_rows,
+                q_row_last,
+                k_base + k_row_first.to(tl.int64)[None, :] * stride_kl,
+                k_row_first,
+                q_len,
+                k_len,
+                stride_ql,
+                stride_qd,
+                stride_kl,
+                stride_kd,
+                STRIDE,
+                HEAD_DIM,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                DOT_PRECISION,
+            )
+            x = tl.where(visible, logits * qk_scale, float("-inf"))
+            x = tl.reshape(x, [BLOCK_M, K_BLOCKS, TILES_PER_BLOCK])
+            if HAS_BLOCK_VISIBLE:
+                x = tl.where(allowed[:, :, None], x, float("-inf"))
+            block_max = tl.max(x, axis=2)
+            block_ref = tl.where(block_max == float("-inf"), 0.0, block_max)
+            block_sum = tl.sum(tl.exp2(x - block_ref[:, :, None]), axis=2)
+            block_sees = block_max > float("-inf")
+            block_lse = tl.where(block_sees, block_ref + tl.log2(tl.where(block_sees, block_sum, 1.0)), float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(block_max, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(block_lse - m_ref[:, None]), axis=1)
+            m_i = m_new
+        tl.store(scratch_rows + kb[None, :], block_lse, mask=(kb < n_k_blocks)[None, :])
+
+    # Normalise each row's block masses and sum them over the rows of each query block.
+    sees_any = l_i > 0
+    row_lse = tl.where(sees_any, m_i + tl.log2(tl.where(sees_any, l_i, 1.0)), 0.0)
+    q_block = (tile_start + pid_m * BLOCK_M) // TILES_PER_BLOCK + tl.arange(0, Q_BLOCKS)
+    out_rows = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_block[:, None] * stride_oq
+    tl.debug_barrier()  # the scratch written above is read back in another thread layout
+    for u0 in range(0, k_tile_end, BLOCK_N):
+        kb = u0 // TILES_PER_BLOCK + offs_kb
+        block_lse = tl.load(scratch_rows + kb[None, :], mask=(kb < n_k_blocks)[None, :], other=float("-inf"))
+        probs = tl.exp2(block_lse - row_lse[:, None])  # rows that see nothing hold -inf only
+        scores = tl.sum(tl.reshape(probs, [Q_BLOCKS, TILES_PER_BLOCK, K_BLOCKS]), axis=1)
+        tl.store(out_rows + kb[None, :], scores, mask=(q_block < n_q_blocks)[:, None] & (kb < n_k_blocks)[None, :])
+
+
+def _validate_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    stride: int,
+    block_size: int,
+    scale: float | None,
+    causal_offset: int | None,
+    block_visible: torch.Tensor | None,
+) -> None:
+    if q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype among {_DTYPES}, but got q.dtype={q.dtype} and k.dtype={k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, but got q on {q.device} and k on {k.device}")
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(f"q and k must be CUDA tensors (or run with TRITON_INTERPRET=1), but got device {q.device}")
+    tiles = block_size // stride
+    if tiles < 1 or tiles & (tiles - 1) or tiles > _MAX_TILES_PER_BLOCK:
+        raise ValueError(
+            f"block_size // stride must be a power of two <= {_MAX_TILES_PER_BLOCK}, "
+            f"but got block_size={block_size} and stride={stride}"
+        )
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be None or a finite float, but got scale={scale!r}")
+    if causal_offset is not None and not isinstance(causal_offset, int):
+        raise ValueError(f"causal_offset must be None or an int, but got causal_offset={causal_offset!r}")
+    if block_visible is not None:
+        B, Hq = q.shape[:2]
+        blocks = (math.ceil(q.shape[2] / block_size), math.ceil(k.shape[2] / block_size))
+        shape = tuple(block_visible.shape)
+        if (
+            block_visible.dtype != torch.bool
+            or block_visible.dim() != 4
+            or shape[0] not in (1, B)
+            or shape[1] not in (1, Hq)
+            or shape[2:] != blocks
+            or block_visible.device != q.device
+        ):
+            raise ValueError(
+                f"block_visible must be a bool tensor of shape (B|1, Hq|1, nQ, nK)=({B}|1, {Hq}|1, {blocks[0]}, "
+                f"{blocks[1]}) on {q.device}, but got {block_visible.dtype} of shape {shape} on {block_visible.device}"
+            )
+
+
+def antidiagonal_block_scores_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int,
+    block_size: int,
+    scale: float | None = None,
+    causal_offset: int | None = None,
+    block_visible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block importance scores from antidiagonal sums, in one fused Triton kernel.
+
+    Exactly ``antidiagonal_block_scores`` (same arguments and result) without the
+    reduced matrix in memory; q and k may be non-contiguous, K heads are shared
+    by their ``Hq // Hkv`` query heads without copies.
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` fp16/bf16/fp32 queries on CUDA.
+        k: ``(B, Hkv, Lk, D)`` keys of q's dtype; ``Hq`` a multiple of ``Hkv``.
+        stride: antidiagonal length ``S``; ``block_size // S`` a power of two <= 128.
+        block_size: attention block size ``Bs``.
+        scale: softmax scale of the attention (``1/sqrt(D)`` when None); the
+            antidiagonal sum is further divided by ``S``.
+        causal_offset: None for no causal mask, else the diagonal offset
+            (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
+        block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
+            invisible blocks are left out of the softmax (and never computed).
+
+    Returns:
+        ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
+        sums to the number of its query tiles that see any key.
+
+    Example:
+        >>> q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
+        >>> k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+        >>> antidiagonal_block_scores_triton(q, k, stride=16, block_size=128, causal_offset=0).shape
+        torch.Size([1, 32, 64, 64])
+    """
+    _validate(q, k, stride, block_size)
+    _validate_triton(q, k, stride, block_size, scale, causal_offset, block_visible)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    S, tiles = stride, block_size // stride
+    n_q_tiles, n_k_blocks = math.ceil(Lq / S), math.ceil(Lk / block_size)
+    out = torch.zeros((B, Hq, math.ceil(Lq / block_size), n_k_blocks), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+    # Query chunks (multiples of the largest BLOCK_M) whose scratch fits the budget.
+    per_row = B * Hq * n_k_blocks * 4
+    rows = max(1, _SCRATCH_BYTES // (per_row * _MAX_BLOCK_M)) * _MAX_BLOCK_M
+    rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
+    scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
+    visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
+    for tile_start in range(0, n_q_tiles, rows):
+        chunk = min(rows, n_q_tiles - tile_start)
+        _antidiagonal_scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
+            q,
+            k,
+            visible,
+            scratch,
+            out,
+            *q.stride(),
+            *k.stride(),
+            *visible.stride(),
+            scratch.stride(0),
+            scratch.stride(1),
+            *out.stride()[:3],
+            Hq,
+            Hq // Hkv,
+            Lq,
+            Lk,
+            tile_start,
+            0 if causal_offset is None else (S - 1 + causal_offset) // S,
+            scale / S * _LOG2E,
+            STRIDE=S,
+            HEAD_DIM=D,
+            TILES_PER_BLOCK=tiles,
+            HAS_CAUSAL=causal_offset is not None,
+            HAS_BLOCK_VISIBLE=block_visible is not None,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_K=_block_k(D),
+        )
+    return out

@@ -1,0 +1,293 @@
+"""The fused Triton antidiagonal scorer against the plain-torch reference
+(DESIGN section 3, item 4). Without CUDA the kernel runs in Triton's CPU
+interpreter on fp32/fp16 inputs (its bf16 ``tl.dot`` is wrong); the GPU class
+checks realistic sizes in bf16."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+_TRITON_IMPORTED_EARLIER = "triton" in sys.modules
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton (and the kernel module) is imported
+triton = pytest.importorskip("triton", reason="triton is an optional dependency (pip install 'xflex[triton]')")
+if not _CUDA and _TRITON_IMPORTED_EARLIER and type(triton.language.zeros).__name__ != "InterpretedFunction":
+    pytest.skip(
+        "triton was imported in compiled mode before this module could switch its CPU interpreter on; "
+        "run with TRITON_INTERPRET=1 in the environment",
+        allow_module_level=True,
+    )
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from xflex.score_mods import antidiagonal_block_scores, causal_block_visibility  # noqa: E402
+from xflex.score_mods import antidiagonal_triton  # noqa: E402
+from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton  # noqa: E402
+from xflex.selection import forced_blocks, select_blocks  # noqa: E402
+
+_DEVICE = torch.device("cuda" if _CUDA else "cpu")
+_RTOL, _ATOL = 1e-5, 1e-6  # fp32 softmax sums: only summation order and exp2/log2 differ
+
+
+def _inputs(batch, hq, hkv, q_len, kv_len, head_dim, *, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, q_len, head_dim, generator=gen)
+    k = torch.randn(batch, hkv, kv_len, head_dim, generator=gen)
+    return q.to(_DEVICE, dtype), k.to(_DEVICE, dtype)
+
+
+def _random_blocks(shape, *, seed=0, density=0.6):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=gen) < density).to(_DEVICE)
+
+
+def _assert_matches_reference(q, k, *, rtol=_RTOL, atol=_ATOL, **kwargs):
+    got = antidiagonal_block_scores_triton(q, k, **kwargs)
+    want = antidiagonal_block_scores(q, k, **kwargs)
+    diff = (got - want).abs()
+    print(f"max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    return got, want
+
+
+@st.composite
+def _scoring_case(draw):
+    stride = draw(st.sampled_from([4, 8, 16]))
+    block_size = draw(st.sampled_from([64, 128]))
+    hkv = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2, 4]))
+    batch = draw(st.sampled_from([1, 2]))
+    q_len = draw(st.integers(1, 600))
+    kv_len = draw(st.integers(1, 600))
+    head_dim = draw(st.sampled_from([16, 64]))
+    causal = draw(st.sampled_from(["none", "top_left", "bottom_right"]))
+    offset = {"none": None, "top_left": 0, "bottom_right": kv_len - q_len}[causal]
+    mask_dims = draw(st.sampled_from([None, (batch, hkv * groups), (1, hkv * groups), (batch, 1), (1, 1)]))
+    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, offset, mask_dims
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(_scoring_case(), st.integers(0, 2**31 - 1))
+def test_matches_reference(case, seed):
+    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, offset, mask_dims = case
+    q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, seed=seed)
+    block_visible = None
+    if mask_dims is not None:
+        blocks = (math.ceil(q_len / block_size), math.ceil(kv_len / block_size))
+        block_visible = _random_blocks((*mask_dims, *blocks), seed=seed)
+    _assert_matches_reference(
+        q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=offset, block_visible=block_visible
+    )
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+@pytest.mark.parametrize("q_len,kv_len", [(97, 97), (300, 517), (517, 300), (1, 600), (129, 128), (600, 37)])
+def test_ragged_lengths(q_len, kv_len, causal):
+    q, k = _inputs(1, 2, 1, q_len, kv_len, 16)
+    offset = {"none": None, "top_left": 0, "bottom_right": kv_len - q_len}[causal]
+    _assert_matches_reference(q, k, stride=8, block_size=64, causal_offset=offset)
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_strides_and_block_sizes(stride, block_size):
+    q, k = _inputs(1, 2, 2, 333, 411, 64)
+    _assert_matches_reference(q, k, stride=stride, block_size=block_size, causal_offset=411 - 333)
+
+
+def test_most_tiles_per_block():
+    """Bs/S = 128 reduced tiles per block: one block per program."""
+    q, k = _inputs(1, 1, 1, 333, 300, 16)
+    _assert_matches_reference(q, k, stride=2, block_size=256, causal_offset=0)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gqa_and_batch(groups):
+    q, k = _inputs(2, 2 * groups, 2, 250, 250, 16, seed=groups)
+    _assert_matches_reference(q, k, stride=8, block_size=64, causal_offset=0)
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 48, 64])
+def test_head_dims(head_dim):
+    """40 is walked in one masked 64-wide step, 48 in three unmasked 16-wide steps."""
+    q, k = _inputs(1, 1, 1, 200, 200, head_dim)
+    _assert_matches_reference(q, k, stride=8, block_size=64)
+
+
+@pytest.mark.parametrize("causal_offset", [None, 0])
+@pytest.mark.parametrize("mask_dims", [(2, 4), (1, 4), (2, 1), (1, 1)])
+def test_block_visible_broadcasts(mask_dims, causal_offset):
+    q, k = _inputs(2, 4, 2, 300, 300, 16)
+    block_visible = _random_blocks((*mask_dims, 5, 5), seed=sum(mask_dims))
+    _assert_matches_reference(q, k, stride=4, block_size=64, causal_offset=causal_offset, block_visible=block_visible)
+
+
+def test_rows_that_see_nothing_score_zero():
+    q, k = _inputs(1, 2, 1, 256, 256, 16)
+    block_visible = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=_DEVICE)
+    block_visible[..., 1, :] = False
+    got, _ = _assert_matches_reference(q, k, stride=8, block_size=64, causal_offset=-100, block_visible=block_visible)
+    assert (got[..., :2, :] == 0).all()  # query blocks 0 (before the diagonal) and 1 (masked)
+
+
+def test_non_contiguous_inputs():
+    q, k = _inputs(2, 4, 2, 230, 190, 64)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, D) storage
+    k_strided = torch.stack([k, torch.zeros_like(k)], -1)[..., 0]  # stride 2 along D
+    assert not q_t.is_contiguous() and k_strided.stride(-1) == 2
+    torch.testing.assert_close(k_strided, k)
+    _assert_matches_reference(q_t, k_strided, stride=8, block_size=64, causal_offset=0)
+
+
+def test_half_precision_inputs():
+    q, k = _inputs(1, 2, 1, 300, 300, 64, dtype=torch.float16)
+    _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=0)
+
+
+def test_query_chunks_share_one_scratch(monkeypatch):
+    """A scratch budget below one chunk forces one launch per 128 query tiles."""
+    monkeypatch.setattr(antidiagonal_triton, "_SCRATCH_BYTES", 1)
+    q, k = _inputs(1, 2, 1, 590, 600, 16)
+    _assert_matches_reference(q, k, stride=4, block_size=64, causal_offset=10)
+
+
+def test_empty_inputs():
+    q, k = _inputs(1, 2, 1, 0, 100, 16)
+    assert antidiagonal_block_scores_triton(q, k, stride=8, block_size=64).shape == (1, 2, 0, 2)
+    q, k = _inputs(1, 2, 1, 100, 0, 16)
+    assert antidiagonal_block_scores_triton(q, k, stride=8, block_size=64).shape == (1, 2, 2, 0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(k_dtype=torch.float64), "dtype"),
+        (dict(block_size=96), "block_size // stride"),
+        (dict(block_visible=torch.ones(1, 1, 2, 3, dtype=torch.bool)), "block_visible"),
+        (dict(block_visible=torch.ones(1, 1, 2, 2)), "block_visible"),
+        (dict(block_visible=torch.ones(3, 1, 2, 2, dtype=torch.bool)), "block_visible"),
+        (dict(scale=float("nan")), "scale"),
+        (dict(hq=3), "query heads"),
+    ],
+)
+def test_invalid_arguments_raise(change, message):
+    q, k = _inputs(1, change.get("hq", 2), 2, 100, 100, 16)
+    k = k.to(change.get("k_dtype", k.dtype))
+    visible = change.get("block_visible")
+    kwargs = dict(stride=8, block_size=change.get("block_size", 64), scale=change.get("scale"))
+    with pytest.raises(ValueError, match=message):
+        antidiagonal_block_scores_triton(q, k, block_visible=None if visible is None else visible.to(_DEVICE), **kwargs)
+
+
+def _assert_near_greedy(selected, scores, *, visible, forced, tau, tol):
+    """``selected`` is XAttention's selection of ``scores`` up to near-ties within
+    ``tol``: forced blocks kept, no kept free block outscored by a dropped one,
+    the kept mass reaches tau, and dropping the weakest kept free block would
+    fall short of it."""
+    visible, forced = visible.expand_as(scores), forced.expand_as(scores) & visible.expand_as(scores)
+    assert not (selected & ~visible).any() and (selected | ~forced).all()
+    mass = scores.masked_fill(~visible, 0.0)
+    free_kept, dropped = selected & ~forced, visible & ~selected
+    weakest_kept = mass.masked_fill(~free_kept, float("inf")).amin(-1)
+    strongest_dropped = mass.masked_fill(~dropped, float("-inf")).amax(-1)
+    kept, total = mass.masked_fill(~selected, 0.0).sum(-1), mass.sum(-1)
+    mass_tol = tol * scores.shape[-1]
+    assert (strongest_dropped <= weakest_kept + tol).all(), "a dropped block outscores a kept one beyond a near-tie"
+    assert (kept >= tau * total - mass_tol).all(), "kept mass short of tau"
+    assert ((kept - weakest_kept < tau * total + mass_tol) | ~free_kept.any(-1)).all(), "selection not minimal"
+
+
+def _check_selection(got, want, *, q_len, kv_len, block_size, causal_offset, tau=0.9):
+    """Selections from kernel and reference scores differ only at near-ties."""
+    if causal_offset is None:
+        visible = torch.ones_like(want[:1, :1], dtype=torch.bool)
+    else:
+        visible = causal_block_visibility(q_len, kv_len, block_size, causal_offset, want.device).any
+    forced = forced_blocks(
+        q_len,
+        kv_len,
+        block_size,
+        diagonal_offset=causal_offset,
+        keep_sink=causal_offset is not None,
+        keep_recent=0,
+        device=want.device,
+    )
+    from_kernel = select_blocks(got, visible=visible, forced=forced, threshold=tau)
+    from_reference = select_blocks(want, visible=visible, forced=forced, threshold=tau)
+    tol = 2 * (got - want).abs().max().item() + 1e-6
+    print(f"blocks selected differently: {(from_kernel ^ from_reference).sum().item()} of {from_reference.numel()}")
+    _assert_near_greedy(from_kernel, want, visible=visible, forced=forced, tau=tau, tol=tol)
+
+
+def test_selection_differs_only_at_near_ties():
+    q, k = _inputs(1, 4, 2, 600, 600, 64, seed=7)
+    q = q + k.repeat_interleave(2, 1).roll(3, 2)  # local (slash) structure: peaky rows
+    got, want = _assert_matches_reference(q, k, stride=8, block_size=64, causal_offset=0)
+    _check_selection(got, want, q_len=600, kv_len=600, block_size=64, causal_offset=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="realistic sizes need a CUDA GPU (the interpreter would take hours)")
+class TestOnGPU:
+    """bf16 at LLM sizes; the tolerance is twice the reference's own error from
+    rounding its inputs to bf16 (FlashAttention's rule)."""
+
+    L = 8192 + 37
+
+    def _bf16_case(self, causal, seed=0):
+        q, k = _inputs(1, 8, 2, self.L, self.L, 128, seed=seed)
+        return q, k, (0 if causal else None)
+
+    @pytest.mark.parametrize("causal", [True, False])
+    @pytest.mark.parametrize("stride", [8, 16])
+    def test_bf16_within_reference_rounding_error(self, stride, causal):
+        q, k, offset = self._bf16_case(causal)
+        kwargs = dict(stride=stride, block_size=128, causal_offset=offset)
+        exact = antidiagonal_block_scores(q, k, **kwargs)
+        rounded = antidiagonal_block_scores(q.bfloat16(), k.bfloat16(), **kwargs)
+        got = antidiagonal_block_scores_triton(q.bfloat16(), k.bfloat16(), **kwargs)
+        ref_err = (rounded - exact).abs().max().item()
+        err = (got - exact).abs().max().item()
+        print(f"kernel error {err:.3g}, reference error on bf16 inputs {ref_err:.3g}")
+        assert err <= 2 * ref_err + 1e-5
+        # Against the reference on the very same bf16 inputs only summation order differs.
+        torch.testing.assert_close(got, rounded, rtol=1e-4, atol=1e-5)
+
+    @pytest.mark.parametrize("masked", [True, False])
+    def test_chunked_prefill_and_block_mask_bf16(self, masked):
+        """A query chunk after a KV prefix (bottom-right causal), or a
+        block-masked bidirectional call, on the same bf16 inputs as the reference."""
+        q_len, kv_len = 2048 + 5, self.L
+        q, k = _inputs(2, 8, 2, q_len, kv_len, 128, dtype=torch.bfloat16)
+        block_visible = _random_blocks((2, 1, math.ceil(q_len / 128), math.ceil(kv_len / 128))) if masked else None
+        offset = None if masked else kv_len - q_len
+        _assert_matches_reference(
+            q, k, stride=8, block_size=128, rtol=1e-4, atol=1e-5, causal_offset=offset, block_visible=block_visible
+        )
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+    def test_other_dtypes(self, dtype):
+        q, k = _inputs(2, 4, 4, 3000 + 5, 4000 + 11, 64, dtype=dtype)
+        _assert_matches_reference(q, k, stride=8, block_size=64, rtol=1e-4, atol=1e-5, causal_offset=4000 + 11 - 3005)
+
+    def test_non_contiguous_bf16(self):
+        q, k, offset = self._bf16_case(True)
+        q, k = q.bfloat16(), k.bfloat16()
+        q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+        k_t = k.transpose(1, 2).contiguous().transpose(1, 2)
+        got = antidiagonal_block_scores_triton(q_t, k_t, stride=16, block_size=128, causal_offset=offset)
+        want = antidiagonal_block_scores_triton(q, k, stride=16, block_size=128, causal_offset=offset)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("causal", [True, False])
+    def test_selection_differs_only_at_near_ties(self, causal):
+        q, k, offset = self._bf16_case(causal, seed=1)
+        q, k = q.bfloat16(), k.bfloat16()
+        kwargs = dict(stride=16, block_size=128, causal_offset=offset)
+        got = antidiagonal_block_scores_triton(q, k, **kwargs)
+        want = antidiagonal_block_scores(q, k, **kwargs)
+        _check_selection(got, want, q_len=self.L, kv_len=self.L, block_size=128, causal_offset=offset)
