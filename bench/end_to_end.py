@@ -70,9 +70,7 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
         _, selected = xop.plan_blocks(q, k, None, True, None, config)
         t_mask = _time(lambda: xop._build_block_mask(selected, pattern, config.block_size, (length, length), False))
         block_mask = xop._build_block_mask(selected, pattern, config.block_size, (length, length), False)
-        options = xop._kernel_options(q, v, config.block_size, True)
-        t_flex = _time(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None, kernel_options=options))
-        t_flex_default = _time(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))
+        t_flex = _time(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))
         t_total = _time(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=config))
         rows.append(
             dict(
@@ -87,7 +85,6 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
                 select=t_plan - t_score,
                 mask=t_mask,
                 flex=t_flex,
-                flex_default=t_flex_default,
             )
         )
         print(_row(rows[-1]), flush=True)
@@ -96,7 +93,7 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
 
 HEADER = (
     "| L | S | cuDNN ms | flash ms | xflex ms | speedup vs best dense | density | score ms (% dense) "
-    "| select ms | BlockMask ms | flex ms (tuned / default) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| select ms | BlockMask ms | flex ms |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -105,7 +102,7 @@ def _row(r: dict) -> str:
     return (
         f"| {r['L'] // 1024}K | {r['S']} | {r['cudnn']:.2f} | {r['flash']:.2f} | {r['xflex']:.2f} | {r['speedup']:.2f}x "
         f"| {r['density']:.3f} | {r['score']:.2f} ({100 * r['score'] / best:.1f}%) | {r['select']:.2f} "
-        f"| {r['mask']:.2f} | {r['flex']:.2f} / {r['flex_default']:.2f} |"
+        f"| {r['mask']:.2f} | {r['flex']:.2f} |"
     )
 
 

@@ -61,24 +61,7 @@ def _eager_dispatch_state() -> Iterator[None]:
         yield
 
 
-# Forward tiles that ran best on an H100 for 16-bit inputs with head dim <=
-# 128 and 128-token blocks (DESIGN section 4: 81-83% of cuDNN per block).
-_CUDA_FORWARD_KERNEL_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
-
-
-def _kernel_options(query: torch.Tensor, value: torch.Tensor, block_size: int, forward_only: bool) -> dict | None:
-    if (
-        forward_only
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and max(query.shape[-1], value.shape[-1]) <= 128
-        and block_size % 128 == 0
-    ):
-        return _CUDA_FORWARD_KERNEL_OPTIONS
-    return None
-
-
-def _run_flex(query, key, value, *, block_mask, score_mod, scale, kernel_options=None) -> torch.Tensor:
+def _run_flex(query, key, value, *, block_mask, score_mod, scale) -> torch.Tensor:
     # Distinct masks, dtypes and layouts each compile once; the default
     # recompile limit (8) would silently fall back to eager flex.
     with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
@@ -90,7 +73,6 @@ def _run_flex(query, key, value, *, block_mask, score_mod, scale, kernel_options
             block_mask=block_mask,
             scale=scale,
             enable_gqa=query.shape[1] != key.shape[1],
-            kernel_options=kernel_options,
         )
 
 
@@ -230,7 +212,6 @@ def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Co
         block_mask=block_mask,
         score_mod=pattern.score_mod,
         scale=scale,
-        kernel_options=_kernel_options(query, value, config.block_size, forward_only=not needs_grad),
     )
     visible = pattern.visibility.any.expand_as(selected)
     return out, selected, visible, block_mask

