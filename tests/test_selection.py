@@ -108,3 +108,17 @@ def test_to_kv_blocks_orders_selected_blocks_first():
     assert num.tolist() == [[[2, 1]]]
     assert idx[0, 0, 0, :2].tolist() == [1, 3] and idx[0, 0, 1, 0].item() == 0
     assert num.dtype == idx.dtype == torch.int32
+
+
+def test_row_chunking_changes_nothing(monkeypatch):
+    import xflex.selection
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, 3, 37, 29, generator=gen) ** 4
+    visible, forced = torch.rand(1, 1, 37, 29, generator=gen) > 0.2, torch.rand(1, 1, 37, 29, generator=gen) > 0.9
+    whole = select_blocks(scores, visible=visible, forced=forced, threshold=0.7)
+    whole_kv = to_kv_blocks(whole)
+    monkeypatch.setattr(xflex.selection, "_CHUNK_ELEMENTS", 100)  # 1 row of 2*3*29 per chunk
+    chunked = select_blocks(scores, visible=visible, forced=forced, threshold=0.7)
+    assert torch.equal(whole, chunked)
+    assert all(torch.equal(a, b) for a, b in zip(whole_kv, to_kv_blocks(chunked)))

@@ -81,7 +81,9 @@ def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len
         assert stats.density == 1.0
         sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv).cpu()
         rows = visible.expand(batch, hq, q_len, kv_len).any(-1, keepdim=True)  # SDPA's own choice on empty rows
-        torch.testing.assert_close(out * rows, sdpa * rows, rtol=1e-5, atol=1e-5)
+        # Within twice torch's own fp32 error against the float64 reference.
+        sdpa_err = ((sdpa - ref) * rows).abs().max().item()
+        assert ((out.double() - sdpa.double()) * rows).abs().max().item() <= 2 * sdpa_err + 2e-5
     else:
         assert stats.density < 1.0
 

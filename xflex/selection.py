@@ -10,6 +10,16 @@ import torch
 
 __all__ = ["forced_blocks", "select_blocks", "to_kv_blocks"]
 
+# Query-block rows are independent: work on this many score elements at a
+# time so the sort's fp32 values and int64 indices stay a few hundred MiB
+# (at 256K tokens and 32 heads the whole (B, H, nQ, nK) sort needs ~2 GiB).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _row_chunks(shape: torch.Size) -> list[slice]:
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, shape[0] * shape[1] * shape[3]))
+    return [slice(start, start + rows_per_chunk) for start in range(0, shape[2], rows_per_chunk)]
+
 
 def forced_blocks(
     q_len: int,
@@ -70,6 +80,14 @@ def select_blocks(
     """
     visible = visible.expand_as(scores)
     forced = forced.expand_as(scores) & visible
+    tau = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device)
+    selected = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    for rows in _row_chunks(scores.shape):
+        selected[:, :, rows] = _select_rows(scores[:, :, rows], visible[:, :, rows], forced[:, :, rows], tau)
+    return selected
+
+
+def _select_rows(scores, visible, forced, tau):
     mass = scores.float().masked_fill(~visible, 0.0)
     total = mass.sum(-1, keepdim=True)
     forced_mass = mass.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
@@ -78,7 +96,6 @@ def select_blocks(
     ranked, order = mass.masked_fill(~candidate, -1.0).sort(dim=-1, descending=True, stable=True)
     ranked_mass = ranked.clamp_min(0.0)
     mass_before = ranked_mass.cumsum(-1) - ranked_mass
-    tau = torch.as_tensor(threshold, dtype=torch.float32, device=scores.device)
     keep_ranked = (ranked >= 0) & (forced_mass + mass_before < tau * total)
     keep = torch.zeros_like(candidate).scatter(-1, order, keep_ranked)
     # tau >= 1 keeps every visible block by rule: a float cumsum stops short of 1.
@@ -89,5 +106,8 @@ def to_kv_blocks(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, H, nQ, nK)`` bool to FlexAttention's ``kv_num_blocks`` ``(B, H, nQ)``
     and ``kv_indices`` ``(B, H, nQ, nK)`` int32 (selected blocks first, ascending)."""
     num = selected.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(selected.to(torch.uint8), dim=-1, descending=True, stable=True)
-    return num, indices.to(torch.int32)
+    indices = torch.empty(selected.shape, dtype=torch.int32, device=selected.device)
+    for rows in _row_chunks(selected.shape):
+        order = torch.argsort(selected[:, :, rows].to(torch.uint8), dim=-1, descending=True, stable=True)
+        indices[:, :, rows] = order
+    return num, indices
