@@ -63,7 +63,7 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
     for stride in strides:
         config = xflex.Config(threshold=threshold, stride=stride)
         with xflex.sparsity() as stats:
-            xflex.sparse_sdpa(q, k, v, is_causal=True, config=config)
+            xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config)
         pattern = xop.call_pattern(q, k, None, True, config.block_size)
         t_score = _time(lambda: xop._block_scores(q, k, pattern, config, None))
         t_plan = _time(lambda: xop.plan_blocks(q, k, None, True, None, config))
@@ -71,7 +71,7 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
         t_mask = _time(lambda: xop._build_block_mask(selected, pattern, config.block_size, (length, length), False))
         block_mask = xop._build_block_mask(selected, pattern, config.block_size, (length, length), False)
         t_flex = _time(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))
-        t_total = _time(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=config))
+        t_total = _time(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config))
         rows.append(
             dict(
                 L=length,

@@ -69,7 +69,8 @@ def _call_site_name(node: fx.Node) -> str:
     if stack:
         path = str(list(stack.values())[-1][0])
         # "L['self'].model.layers[3].self_attn" -> "model.layers.3.self_attn"
-        path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+        # (or "L['args'][0].model..." when forward is wrapped, as in transformers)
+        path = re.sub(r"^L\['[^']*'\](?:\[\d+\])?\.?", "", path)
         # Modules whose __getattr__ is custom (diffusers) are recorded through
         # their __dict__: "L['self'].__dict__['_modules']['blocks'].0.attn1".
         path = re.sub(r"\.?__dict__\['_modules'\]", "", path)
