@@ -1,7 +1,6 @@
 """Robustness: dynamic shapes without extra recompiles, SDPA corner cases,
 gradients and dropout, random settings through the compiled path."""
 
-import math
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The run-time op against plain-torch attention with the selected blocks
 applied (DESIGN section 3, items 1 and 5), for every mask form SDPA takes."""
 
-import math
 
 import pytest
 import torch

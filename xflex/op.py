@@ -30,7 +30,6 @@ _SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FROM_KV_BLOCKS_TAKES_COMPUTE_Q = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
-
 def _flex_attention_static(*args, **kwargs):
     return flex_attention(*args, **kwargs)
 
