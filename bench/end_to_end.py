@@ -16,29 +16,13 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+from scoring import dense_sdpa, time_ms  # noqa: E402
 from synthetic import llm_like_inputs  # noqa: E402
 
 import xflex  # noqa: E402
 from xflex import op as xop  # noqa: E402
-
-
-def _time(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _dense(q, k, v, backend):
-    from torch.nn.attention import sdpa_kernel
-
-    def run():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-    return run
 
 
 def check_correctness(length: int) -> float:
@@ -46,7 +30,7 @@ def check_correctness(length: int) -> float:
 
     q, k, v = llm_like_inputs(length, seed=1)
     out = xflex.sparse_sdpa(q, k, v, is_causal=True, config=xflex.Config(threshold=1.0))
-    ref = _dense(q, k, v, SDPBackend.CUDNN_ATTENTION)()
+    ref = dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)()
     err = (out.float() - ref.float()).abs().max().item()
     assert err < 2e-2, f"xflex at threshold 1.0 differs from cuDNN by {err}"
     return err
@@ -57,21 +41,21 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
 
     q, k, v = llm_like_inputs(length, heads=heads, kv_heads=kv_heads)
     rows = []
-    t_cudnn = _time(_dense(q, k, v, SDPBackend.CUDNN_ATTENTION))
-    t_flash = _time(_dense(q, k, v, SDPBackend.FLASH_ATTENTION))
+    t_cudnn = time_ms(dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION))
+    t_flash = time_ms(dense_sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
     best = min(t_cudnn, t_flash)
     for stride in strides:
         config = xflex.Config(threshold=threshold, stride=stride)
         with xflex.sparsity() as stats:
             xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config)
         pattern = xop.call_pattern(q, k, None, True, config.block_size)
-        t_score = _time(lambda: xop._block_scores(q, k, pattern, config, None))
-        t_plan = _time(lambda: xop.plan_blocks(q, k, None, True, None, config))
+        t_score = time_ms(lambda: xop._block_scores(q, k, pattern, config, None))
+        t_plan = time_ms(lambda: xop.plan_blocks(q, k, None, True, None, config))
         _, selected = xop.plan_blocks(q, k, None, True, None, config)
-        t_mask = _time(lambda: xop._build_block_mask(selected, pattern, config.block_size, (length, length), False))
+        t_mask = time_ms(lambda: xop._build_block_mask(selected, pattern, config.block_size, (length, length), False))
         block_mask = xop._build_block_mask(selected, pattern, config.block_size, (length, length), False)
-        t_flex = _time(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))
-        t_total = _time(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config))
+        t_flex = time_ms(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))
+        t_total = time_ms(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config))
         rows.append(
             dict(
                 L=length,

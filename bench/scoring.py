@@ -66,21 +66,27 @@ def select(scores, q_len, kv_len):
 
 def dense_attention(q, k, v):
     """``(name, fn)``: causal SDPA on cuDNN, else FlashAttention, whichever runs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
-    gqa = q.shape[1] != k.shape[1]
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-
-        def run(backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-
+        run = dense_sdpa(q, k, v, backend)
         try:
             run()
         except RuntimeError:
             continue
         return name, run
     raise RuntimeError("neither cuDNN nor FlashAttention SDPA runs on this GPU/torch")
+
+
+def dense_sdpa(q, k, v, backend):
+    """A causal SDPA call on one backend (GQA when the head counts differ)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+    return run
 
 
 def time_ms(fn) -> float:

@@ -22,9 +22,7 @@ import torch.nn.functional as F
 
 import xflex
 from xflex import demo
-from xflex.pattern import call_pattern
-from xflex.selection import forced_blocks, select_blocks
-from xflex.score_mods import antidiagonal_block_scores
+from xflex.op import plan_blocks
 
 
 @contextlib.contextmanager
@@ -47,7 +45,7 @@ def captured_attention_inputs():
 def true_block_mass(q, k, scale, block_size, q_blocks):
     """``(H, len(q_blocks), nK)``: each sampled query block's true attention mass
     per key block (causal), rows normalised to 1."""
-    H, L, D = q.shape[1], q.shape[2], q.shape[3]
+    H, L = q.shape[1], q.shape[2]
     k = k.repeat_interleave(H // k.shape[1], dim=1)[0].float()
     n_k = math.ceil(L / block_size)
     out = torch.zeros(H, len(q_blocks), n_k)
@@ -66,19 +64,6 @@ def oracle_counts(mass: torch.Tensor, tau: float) -> torch.Tensor:
     ranked = mass.sort(-1, descending=True).values
     before = ranked.cumsum(-1) - ranked
     return (before < tau).sum(-1)
-
-
-def selection(q, k, scale, config: xflex.Config, temperature: float):
-    """The op's selection, with the scorer's softmax temperature scaled."""
-    L = q.shape[2]
-    pattern = call_pattern(q, k, None, True, config.block_size)
-    scores = antidiagonal_block_scores(
-        q, k, stride=config.stride, block_size=config.block_size, scale=scale * temperature, causal_offset=0
-    )
-    forced = forced_blocks(
-        L, L, config.block_size, diagonal_offset=0, keep_sink=config.keep_sink, keep_recent=config.keep_recent, device=q.device
-    )
-    return select_blocks(scores, visible=pattern.visibility.any, forced=forced, threshold=config.threshold)
 
 
 VARIANTS = {
@@ -121,7 +106,8 @@ def main() -> None:
         oracle.append((oracle_counts(mass, 0.9).float() / visible).mean().item())
         for name, (settings, temperature) in VARIANTS.items():
             config = xflex.Config(block_size=args.block_size, **settings)
-            chosen = selection(q, k, scale, config, temperature)[0][:, q_blocks]
+            # Only the scorer sees the scale: scaling it is a scorer temperature.
+            chosen = plan_blocks(q, k, None, True, scale * temperature, config)[1][0][:, q_blocks]
             recall = (mass * chosen).sum(-1).mean().item()
             density = (chosen.sum(-1).float() / visible).mean().item()
             results[name].append((recall, density))
