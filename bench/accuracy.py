@@ -85,7 +85,7 @@ def _layer_quality(call, configs, block_size: int, samples: int, helpers) -> dic
     out = {}
     for threshold, stride in configs:
         config = xflex.Config(threshold=threshold, stride=stride, block_size=block_size, min_seq_len=0)
-        _pattern, selected = plan_blocks(q, k, None, True, scale, config)
+        selected = plan_blocks(q, k, None, True, scale, config)[1].selected
         chosen = selected[0][:, q_blocks]
         recall = (mass * chosen).sum(-1).mean().item()
         density = (chosen.sum(-1).float() / visible).mean().item()

@@ -51,9 +51,9 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
         pattern = xop.call_pattern(q, k, None, True, config.block_size)
         t_score = time_ms(lambda: xop._block_scores(q, k, pattern, config, None))
         t_plan = time_ms(lambda: xop.plan_blocks(q, k, None, True, None, config))
-        _, selected = xop.plan_blocks(q, k, None, True, None, config)
-        t_mask = time_ms(lambda: xop._build_block_mask(selected, pattern, config.block_size, (length, length), False))
-        block_mask = xop._build_block_mask(selected, pattern, config.block_size, (length, length), False)
+        _, blocks = xop.plan_blocks(q, k, None, True, None, config)
+        t_mask = time_ms(lambda: xop._build_block_mask(blocks, pattern, config.block_size, (length, length), False))
+        block_mask = xop._build_block_mask(blocks, pattern, config.block_size, (length, length), False)
         t_flex = time_ms(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))
         t_total = time_ms(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config))
         rows.append(

@@ -26,10 +26,10 @@ for S in (16, 8):
     pattern = xop.call_pattern(q, k, None, True, 128)
     m_score = peak(lambda: xop._block_scores(q, k, pattern, cfg, None))
     m_plan = peak(lambda: xop.plan_blocks(q, k, None, True, None, cfg))
-    _, sel = xop.plan_blocks(q, k, None, True, None, cfg)
-    bm = xop._build_block_mask(sel, pattern, 128, (L, L), False)
+    _, blocks = xop.plan_blocks(q, k, None, True, None, cfg)
+    bm = xop._build_block_mask(blocks, pattern, 128, (L, L), False)
     bm_mib = sum(t.numel() * t.element_size() for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)) / 2**20
-    del bm, sel
+    del bm, blocks
     with xflex.sparsity() as st:
         m_total = peak(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=cfg))
     t_x = do_bench(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=cfg), warmup=1, rep=1, return_mode="median")

@@ -51,17 +51,27 @@ def reference_score(q, k, stride):
     return antidiagonal_block_scores(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
 
 
-def select(scores, q_len, kv_len):
+def select(scores, q_len, kv_len, use_triton=None):
     """Forced blocks, tau-selection and FlexAttention's kv-block layout: what
-    ``xflex.op`` does between scoring and attention on a causal call."""
+    ``xflex.op.plan_blocks`` does after scoring on a causal call (the fused
+    Triton kernel on CUDA, or the torch ops with ``use_triton=False``)."""
+    import xflex
     from xflex.score_mods import causal_block_visibility
-    from xflex.selection import forced_blocks, select_blocks, to_kv_blocks
+    from xflex.selection import forced_blocks, select_kv_blocks
 
     device = scores.device
-    visible = causal_block_visibility(q_len, kv_len, _BLOCK_SIZE, 0, device).any
+    visibility = causal_block_visibility(q_len, kv_len, _BLOCK_SIZE, 0, device)
     forced = forced_blocks(q_len, kv_len, _BLOCK_SIZE, diagonal_offset=0, keep_sink=True, keep_recent=0, device=device)
-    selected = select_blocks(scores, visible=visible, forced=forced, threshold=_THRESHOLD)
-    return selected, to_kv_blocks(selected), visible
+    threshold = xflex.Config(threshold=_THRESHOLD).threshold_tensor(scores.shape[1], device)
+    blocks = select_kv_blocks(
+        scores,
+        visible=visibility.any,
+        fully_visible=visibility.all,
+        forced=forced,
+        threshold=threshold,
+        use_triton=use_triton,
+    )
+    return blocks, visibility.any
 
 
 def dense_attention(q, k, v):
@@ -150,10 +160,13 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
             reduced_pairs = math.ceil(length / stride) * (math.ceil(length / stride) + 1) / 2
             score_tflops = _tflops(2 * heads * reduced_pairs * stride * head_dim, score_ms)
             select_ms = time_ms(lambda: select(scores, length, length))
-            selected, _, visible = select(scores, length, length)
-            density = selected.sum().item() / (visible.sum().item() * heads)
+            torch_select_ms = time_ms(lambda: select(scores, length, length, use_triton=False))
+            blocks, visible = select(scores, length, length)
+            reference_blocks, _ = select(scores, length, length, use_triton=False)
+            differing = (blocks.selected != reference_blocks.selected).sum().item()
+            density = blocks.selected.sum().item() / (visible.sum().item() * heads)
             ref_ms = time_ms(lambda: reference_score(q, k, stride)) if length <= _REFERENCE_MAX_LEN else None
-            del scores, selected
+            del scores, blocks, reference_blocks
             mib = peak_extra_mib(lambda: select(score(q, k, stride), length, length))
             rows.append(
                 dict(
@@ -162,7 +175,9 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
                     inputs=kind,
                     dense=f"{dense_ms:.2f} ({dense_name}, {dense_tflops:.0f} TF/s)",
                     score=f"{score_ms:.2f} ({score_tflops:.0f} TF/s)",
-                    select=f"{select_ms:.2f}",
+                    select=f"{select_ms:.3f}",
+                    torch_select=f"{torch_select_ms:.2f}",
+                    differing=str(differing),
                     ratio=f"{(score_ms + select_ms) / dense_ms:.1%}",
                     density=f"{density:.2f}",
                     reference="-" if ref_ms is None else f"{ref_ms:.2f}",
@@ -183,6 +198,8 @@ _HEADER = {
     "dense": "dense SDPA ms",
     "score": "Triton score ms",
     "select": "select ms",
+    "torch_select": "torch select ms",
+    "differing": "blocks unlike torch select",
     "ratio": "(score+select)/dense",
     "density": f"density @ tau {_THRESHOLD}",
     "reference": "torch score ms",

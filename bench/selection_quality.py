@@ -107,7 +107,7 @@ def main() -> None:
         for name, (settings, temperature) in VARIANTS.items():
             config = xflex.Config(block_size=args.block_size, **settings)
             # Only the scorer sees the scale: scaling it is a scorer temperature.
-            chosen = plan_blocks(q, k, None, True, scale * temperature, config)[1][0][:, q_blocks]
+            chosen = plan_blocks(q, k, None, True, scale * temperature, config)[1].selected[0][:, q_blocks]
             recall = (mass * chosen).sum(-1).mean().item()
             density = (chosen.sum(-1).float() / visible).mean().item()
             results[name].append((recall, density))

@@ -4,6 +4,7 @@ whole), so that selection and attention agree on what a call means."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -73,10 +74,14 @@ def _block_ranges(length: int, block_size: int, device: torch.device) -> tuple[t
     return start, torch.clamp(start + block_size - 1, max=length - 1)
 
 
+@functools.lru_cache(maxsize=32)
 def causal_block_visibility(
     q_len: int, kv_len: int, block_size: int, offset: int, device: torch.device
 ) -> BlockVisibility:
-    """Block view of :func:`causal_mask`, by index arithmetic (no ``L x L`` work)."""
+    """Block view of :func:`causal_mask`, by index arithmetic (no ``L x L`` work).
+
+    Cached per shape (every causal call needs it; a handful of kernel launches
+    saved per call): the returned tensors are shared, never modify them."""
     q_lo, q_hi = _block_ranges(q_len, block_size, device)
     kv_lo, kv_hi = _block_ranges(kv_len, block_size, device)
     any_visible = kv_lo[None, :] <= q_hi[:, None] + offset

@@ -266,9 +266,9 @@ def _recorded_selections() -> Iterator[list[tuple[object, torch.Tensor]]]:
     original = xflex.op.plan_blocks
 
     def spy(*args, **kwargs):
-        pattern, selected = original(*args, **kwargs)
-        seen.append((pattern, selected))
-        return pattern, selected
+        pattern, blocks = original(*args, **kwargs)
+        seen.append((pattern, blocks.selected))
+        return pattern, blocks
 
     with mock.patch.object(xflex.op, "plan_blocks", spy):
         yield seen

@@ -63,7 +63,7 @@ def test_corner_cases_match_the_reference(call, seed):
         assert q_len < BLOCK
         assert torch.equal(out, sdpa)
         return
-    _, selected = plan_blocks(q, k, None, causal, None, config)
+    selected = plan_blocks(q, k, None, causal, None, config)[1].selected
     visible = causal_visible(q_len, kv_len) if causal else torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
     ref = attention_ref(q, k, v, visible=visible & blocks_to_elements(selected, q_len, kv_len, BLOCK))
     tol = 1e-5 if dtype == torch.float32 else 2 * (sdpa.double() - attention_ref(q, k, v, visible=visible)).abs().max().item() + 1e-3
@@ -136,7 +136,7 @@ def test_random_settings_give_the_right_answer_or_a_clear_error(
     if stats.dense_calls:
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         return
-    _, selected = plan_blocks(q, k, None, True, None, config)
+    selected = plan_blocks(q, k, None, True, None, config)[1].selected
     visible = causal_visible(q_len, q_len) & blocks_to_elements(selected, q_len, q_len, BLOCK)
     torch.testing.assert_close(out.double(), attention_ref(q, k, v, visible=visible), rtol=1e-5, atol=1e-5)
 
@@ -184,7 +184,7 @@ def test_gpu_gradients_through_the_sparse_path(threshold):
     if threshold == 1.0:
         expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
     else:  # gradients of dense attention restricted to the selected blocks
-        _, selected = plan_blocks(q, k, None, True, None, config)
+        selected = plan_blocks(q, k, None, True, None, config)[1].selected
         visible = (causal_visible(700, 700).cuda() & blocks_to_elements(selected, 700, 700, 128))
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible)
         expected = torch.autograd.grad(ref, (q, k, v), grad.double())

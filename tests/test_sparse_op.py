@@ -69,7 +69,7 @@ def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv, config=config)
     assert stats.dense_calls == [], stats.dense_calls[0].dense_reason
-    _, selected = plan_blocks(q, k, mask, is_causal, None, config)
+    selected = plan_blocks(q, k, mask, is_causal, None, config)[1].selected
     kept = visible & blocks_to_elements(selected.cpu(), q_len, kv_len, BLOCK)
     ref = attention_ref(q.cpu(), k.cpu(), v.cpu(), visible=kept.cpu(), bias=bias)
     out = out.cpu()

@@ -85,12 +85,18 @@ class Config:
             raise ValueError(
                 f"threshold has one value per query head, but got {len(values)} values for {num_heads} heads"
             )
-        return torch.tensor(values, dtype=torch.float32, device=device).view(1, num_heads, 1, 1)
+        return _threshold_tensor(values, torch.device(device))
 
     @property
     def keeps_everything(self) -> bool:
         values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
         return min(values) >= 1.0
+
+
+@lru_cache(maxsize=64)
+def _threshold_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Cached (callers only read it): a host-to-GPU copy waits for the GPU's queued work.
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, len(values), 1, 1)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -21,7 +21,7 @@ from .config import Config
 from .context import effective_config, record_call, recording
 from .pattern import CallPattern, call_pattern
 from .score_mods import antidiagonal_block_scores
-from .selection import forced_blocks, select_blocks, to_kv_blocks
+from .selection import KVBlocks, forced_blocks, select_kv_blocks
 from .stats import CallRecord
 
 __all__ = ["sparse_sdpa", "dense_reason", "plan_blocks"]
@@ -152,21 +152,13 @@ def _block_scores(query, key, pattern: CallPattern, config: Config, scale: float
     return antidiagonal_block_scores(query, key, **kwargs)
 
 
-def _build_block_mask(selected, pattern: CallPattern, block_size: int, seq_lengths, needs_q_blocks: bool):
-    full = selected & pattern.visibility.all
-    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
-    # full blocks: there every selected block carries the mask_mod.
-    if pattern.captures_tensors and selected.device.type == "cpu":
-        full = torch.zeros_like(selected)
-    partial = selected & ~full
-    kv_num, kv_idx = to_kv_blocks(partial)
-    full_num, full_idx = to_kv_blocks(full)
+def _build_block_mask(blocks: KVBlocks, pattern: CallPattern, block_size: int, seq_lengths, needs_q_blocks: bool):
     extra = {"compute_q_blocks": needs_q_blocks} if _FROM_KV_BLOCKS_TAKES_COMPUTE_Q else {}
     return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
+        blocks.kv_num_blocks,
+        blocks.kv_indices,
+        blocks.full_kv_num_blocks,
+        blocks.full_kv_indices,
         BLOCK_SIZE=block_size,
         mask_mod=pattern.mask_mod,
         seq_lengths=seq_lengths,
@@ -181,9 +173,10 @@ def plan_blocks(
     is_causal: bool,
     scale: float | None,
     config: Config,
-) -> tuple[CallPattern, torch.Tensor]:
-    """The call's mask semantics and the ``(B, Hq, nQ, nK)`` bool block selection
-    the sparse path computes (scorer -> forced blocks -> threshold selection)."""
+) -> tuple[CallPattern, KVBlocks]:
+    """The call's mask semantics and the block selection the sparse path
+    computes (scorer -> forced blocks -> threshold selection), with
+    ``.selected`` the ``(B, Hq, nQ, nK)`` bool selection."""
     pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
     scores = _block_scores(query, key, pattern, config, scale)
     forced = forced_blocks(
@@ -195,15 +188,23 @@ def plan_blocks(
         keep_recent=config.keep_recent,
         device=query.device,
     )
-    threshold = config.threshold_tensor(query.shape[1], query.device)
-    selected = select_blocks(scores, visible=pattern.visibility.any, forced=forced, threshold=threshold)
-    return pattern, selected
+    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
+    # full blocks: there every selected block carries the mask_mod.
+    no_full_blocks = pattern.captures_tensors and query.device.type == "cpu"
+    blocks = select_kv_blocks(
+        scores,
+        visible=pattern.visibility.any,
+        fully_visible=None if no_full_blocks else pattern.visibility.all,
+        forced=forced,
+        threshold=config.threshold_tensor(query.shape[1], query.device),
+    )
+    return pattern, blocks
 
 
 def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Config, needs_grad: bool):
     Lq, Lk = query.shape[2], key.shape[2]
-    pattern, selected = plan_blocks(query, key, attn_mask, is_causal, scale, config)
-    block_mask = _build_block_mask(selected, pattern, config.block_size, (Lq, Lk), needs_grad)
+    pattern, blocks = plan_blocks(query, key, attn_mask, is_causal, scale, config)
+    block_mask = _build_block_mask(blocks, pattern, config.block_size, (Lq, Lk), needs_grad)
     out = _run_flex(
         query,
         key,
@@ -212,8 +213,8 @@ def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Co
         score_mod=pattern.score_mod,
         scale=scale,
     )
-    visible = pattern.visibility.any.expand_as(selected)
-    return out, selected, visible, block_mask
+    visible = pattern.visibility.any.expand_as(blocks.selected)
+    return out, blocks.selected, visible, block_mask
 
 
 def _selection_shape(query: torch.Tensor, key: torch.Tensor, block_size: int, needs_grad: bool):

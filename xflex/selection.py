@@ -4,11 +4,13 @@ synchronisation."""
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["forced_blocks", "select_blocks", "to_kv_blocks"]
+__all__ = ["KVBlocks", "forced_blocks", "select_blocks", "select_kv_blocks", "to_kv_blocks"]
 
 # Query-block rows are independent: work on this many score elements at a
 # time so the sort's fp32 values and int64 indices stay a few hundred MiB
@@ -21,6 +23,7 @@ def _row_chunks(shape: torch.Size) -> list[slice]:
     return [slice(start, start + rows_per_chunk) for start in range(0, shape[2], rows_per_chunk)]
 
 
+@functools.lru_cache(maxsize=32)
 def forced_blocks(
     q_len: int,
     kv_len: int,
@@ -36,7 +39,8 @@ def forced_blocks(
     The diagonal is the key blocks holding positions ``q + diagonal_offset`` for
     the block's queries (widened by ``keep_recent`` tokens to the left); None
     means the call has no "own position" (cross-attention). The sink is key
-    block 0.
+    block 0. Cached per shape (every call needs it): the returned tensor is
+    shared, never modify it.
     """
     n_q, n_k = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
     kv_block = torch.arange(n_k, device=device)[None, :]
@@ -111,3 +115,56 @@ def to_kv_blocks(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         order = torch.argsort(selected[:, :, rows].to(torch.uint8), dim=-1, descending=True, stable=True)
         indices[:, :, rows] = order
     return num, indices
+
+
+class KVBlocks(NamedTuple):
+    """A block selection and its FlexAttention layout (``BlockMask.from_kv_blocks``'s
+    first four arguments): partial blocks carry the mask_mod, full blocks skip it."""
+
+    selected: torch.Tensor
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    full_kv_num_blocks: torch.Tensor
+    full_kv_indices: torch.Tensor
+
+
+def select_kv_blocks(
+    scores: torch.Tensor,
+    *,
+    visible: torch.Tensor,
+    fully_visible: torch.Tensor | None,
+    forced: torch.Tensor,
+    threshold: torch.Tensor,
+    use_triton: bool | None = None,
+) -> KVBlocks:
+    """:func:`select_blocks`, then the kept blocks split into full (entirely
+    visible under the mask) and partial, each laid out by :func:`to_kv_blocks`.
+
+    Args:
+        scores, visible, forced: as in :func:`select_blocks`.
+        fully_visible: bool, broadcastable to ``scores``; None: no full blocks.
+        threshold: ``(1, H|1, 1, 1)`` fp32 per-head thresholds.
+        use_triton: the fused Triton kernel (``xflex.selection_triton``) or the
+            torch ops; None picks Triton on CUDA.
+
+    Example:
+        >>> s = torch.tensor([[[[0.1, 0.6, 0.3]]]])
+        >>> yes = torch.ones_like(s, dtype=torch.bool)
+        >>> blocks = select_kv_blocks(s, visible=yes, fully_visible=yes, forced=~yes,
+        ...                           threshold=torch.full((1, 1, 1, 1), 0.8))
+        >>> blocks.full_kv_num_blocks, blocks.full_kv_indices
+        (tensor([[[2]]], dtype=torch.int32), tensor([[[[1, 2, 0]]]], dtype=torch.int32))
+    """
+    if use_triton is None:
+        use_triton = scores.is_cuda
+    if use_triton:
+        from .selection_triton import select_kv_blocks_triton
+
+        return KVBlocks(
+            *select_kv_blocks_triton(
+                scores, visible=visible, fully_visible=fully_visible, forced=forced, threshold=threshold
+            )
+        )
+    selected = select_blocks(scores, visible=visible, forced=forced, threshold=threshold)
+    full = selected & fully_visible if fully_visible is not None else torch.zeros_like(selected)
+    return KVBlocks(selected, *to_kv_blocks(selected & ~full), *to_kv_blocks(full))
