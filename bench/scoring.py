@@ -137,7 +137,8 @@ def _best_config() -> str:
     from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel
 
     c = _antidiagonal_scores_kernel.best_config
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+    flat = " flat" if c.kwargs.get("FLATTEN") else ""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{flat}"
 
 
 def run_case(length, kinds, heads, kv_heads, head_dim=128):
