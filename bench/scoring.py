@@ -51,7 +51,7 @@ def reference_score(q, k, stride):
     return antidiagonal_block_scores(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
 
 
-def select(scores, q_len, kv_len, use_triton=None):
+def select(scores, q_len, kv_len, use_triton=None, threshold=_THRESHOLD):
     """Forced blocks, tau-selection and FlexAttention's kv-block layout: what
     ``xflex.op.plan_blocks`` does after scoring on a causal call (the fused
     Triton kernel on CUDA, or the torch ops with ``use_triton=False``)."""
@@ -62,13 +62,13 @@ def select(scores, q_len, kv_len, use_triton=None):
     device = scores.device
     visibility = causal_block_visibility(q_len, kv_len, _BLOCK_SIZE, 0, device)
     forced = forced_blocks(q_len, kv_len, _BLOCK_SIZE, diagonal_offset=0, keep_sink=True, keep_recent=0, device=device)
-    threshold = xflex.Config(threshold=_THRESHOLD).threshold_tensor(scores.shape[1], device)
+    tau = xflex.Config(threshold=threshold).threshold_tensor(scores.shape[1], device)
     blocks = select_kv_blocks(
         scores,
         visible=visibility.any,
         fully_visible=visibility.all,
         forced=forced,
-        threshold=threshold,
+        threshold=tau,
         use_triton=use_triton,
     )
     return blocks, visibility.any
