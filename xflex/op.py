@@ -9,6 +9,8 @@ so that run-time settings never reach a graph guard.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import inspect
 import math
 from collections.abc import Iterator
@@ -133,6 +135,17 @@ def _validate_inputs(query, key, value, attn_mask, is_causal, enable_gqa) -> Non
             raise ValueError(f"attn_mask must be bool or floating point, but got {attn_mask.dtype}")
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_runs_on(t: torch.Tensor) -> bool:
+    """The Triton kernels (scoring, selection) are the default on CUDA when
+    Triton is installed (an optional dependency); otherwise torch ops run."""
+    return t.is_cuda and _triton_installed()
+
+
 def _block_scores(query, key, pattern: CallPattern, config: Config, scale: float | None) -> torch.Tensor:
     block_visible = None if pattern.causal_offset is not None else pattern.visibility.any
     if pattern.mask_mod is None and pattern.score_mod is None:
@@ -144,7 +157,7 @@ def _block_scores(query, key, pattern: CallPattern, config: Config, scale: float
         causal_offset=pattern.causal_offset,
         block_visible=block_visible,
     )
-    use_triton = config.scorer == "triton" or (config.scorer == "auto" and query.is_cuda)
+    use_triton = config.scorer == "triton" or (config.scorer == "auto" and _triton_runs_on(query))
     if use_triton:
         from .score_mods.antidiagonal_triton import antidiagonal_block_scores_triton
 
@@ -197,6 +210,7 @@ def plan_blocks(
         fully_visible=None if no_full_blocks else pattern.visibility.all,
         forced=forced,
         threshold=config.threshold_tensor(query.shape[1], query.device),
+        use_triton=_triton_runs_on(query),
     )
     return pattern, blocks
 
