@@ -67,7 +67,11 @@ def test_low_threshold_is_sparse_and_toggling_never_recompiles(compiled):
             model(*inputs)
         with xflex.sparsity(threshold=[0.3, 0.6, 0.9, 1.0]):  # one per query head
             model(*inputs)
+        with xflex.sparsity(threshold=0.5, stride=16, threshold_by_call={"layers.1": 1.0}) as stats:
+            model(*inputs)
     assert compiles.call_count == 0
+    by_call = stats.density_by_call()
+    assert by_call["layers.1"] == 1.0 and by_call["layers.0"] < 1.0 and by_call["layers.2"] < 1.0
 
 
 def test_nested_contexts_restore_the_outer_settings():

@@ -14,6 +14,9 @@ import xflex
         ({"threshold": float("nan")}, "threshold"),
         ({"threshold": "high"}, "threshold"),
         ({"threshold": []}, "threshold"),
+        ({"threshold_by_call": {"layers.3": 1.5}}, "threshold_by_call"),
+        ({"threshold_by_call": {3: 0.9}}, "threshold_by_call"),
+        ({"threshold_by_call": "layers.*"}, "threshold_by_call"),
         ({"stride": 0}, "stride"),
         ({"stride": 24}, "stride"),
         ({"stride": 8.0}, "stride"),
@@ -41,6 +44,18 @@ def test_sparsity_rejects_bad_values_before_running_anything():
     with pytest.raises(ValueError, match="threshold"):
         with xflex.sparsity(threshold=2):
             pass
+
+
+def test_threshold_by_call_first_matching_pattern_wins_and_survives_the_graph_key():
+    config = xflex.Config.from_options(
+        {"threshold_by_call": {"model.layers.1.*": 1.0, "model.layers.*": [0.5, 0.6]}, "threshold": 0.8}
+    )
+    assert config.threshold_for("model.layers.1.self_attn") == 1.0
+    assert config.threshold_for("model.layers.12.self_attn") == (0.5, 0.6)
+    assert config.threshold_for("lm_head_attn") == 0.8
+    assert xflex.Config.from_key(config.to_key()) == config
+    tau = config.threshold_tensor(2, torch.device("cpu"), "model.layers.3.self_attn")
+    assert tau.shape == (1, 2, 1, 1) and tau.flatten().tolist() == pytest.approx([0.5, 0.6])
 
 
 def test_stride_must_divide_the_compiled_block_size_at_run_time():

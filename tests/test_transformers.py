@@ -279,6 +279,8 @@ def test_demo_prompt_hides_the_fact_at_its_depth(smollm2):
         (["demo", "--stride", "7"], "--stride must divide"),
         (["demo", "--threshold", "0"], "--threshold must be in (0, 1]"),
         (["demo", "--tokens", "9000"], "must fit SmolLM2's context"),
+        (["demo", "--threshold-by-call", '{"model.layers.3.*": 2}'], "threshold_by_call"),
+        (["demo", "--threshold-by-call", "[0.9]"], "expected a JSON object"),
     ],
 )
 def test_demo_cli_rejects_bad_options_before_loading(argv, message, capsys):

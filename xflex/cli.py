@@ -4,6 +4,7 @@ long prompt dense and block-sparse and prints what changed."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.95,
         help="XAttention tau in (0, 1] (default 0.95: at 0.9 SmolLM2 loses the hidden fact at 7K tokens, see bench/RESULTS.md)",
     )
+    demo.add_argument(
+        "--threshold-by-call",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help='per-layer taus, e.g. \'{"model.layers.3.self_attn": 0.99}\' (fnmatch patterns; see bench/RESULTS.md)',
+    )
     demo.add_argument("--stride", type=int, default=8, help="antidiagonal stride (default 8)")
     demo.add_argument("--block-size", type=int, default=128, choices=_BLOCK_SIZES, help="block size (default 128)")
     demo.add_argument("--tokens", type=int, default=7000, help="prompt length cap in tokens (default 7000; model max 8192)")
@@ -49,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{pattern: tau}}, but got {text!r}")
+    return value
+
+
 def _validate_demo_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not 0.0 < args.threshold <= 1.0:
         parser.error(f"--threshold must be in (0, 1], but got {args.threshold}")
@@ -58,7 +76,13 @@ def _validate_demo_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error(f"--depth must be in [0, 1], but got {args.depth}")
     if args.new_tokens < 1:
         parser.error(f"--new-tokens must be >= 1, but got {args.new_tokens}")
+    from .config import Config
     from .demo import SMOLLM2_CONTEXT
+
+    try:
+        Config.from_options({"threshold_by_call": args.threshold_by_call})
+    except ValueError as error:
+        parser.error(f"--threshold-by-call: {error}")
 
     if args.tokens + args.new_tokens > SMOLLM2_CONTEXT:
         parser.error(
@@ -114,7 +138,8 @@ def _print_report(args: argparse.Namespace, prompt, dense, sparse, hardware: str
     print()
     print(f"SmolLM2-135M-Instruct, {prompt.input_ids.shape[1]}-token prompt ({prompt.text_tokens} text tokens), {hardware}")
     print(f"hidden at depth {args.depth:.2f}: {prompt.fact!r}")
-    print(f"xattn: threshold {args.threshold}, stride {args.stride}, block size {args.block_size}")
+    by_call = f", per call {args.threshold_by_call}" if args.threshold_by_call else ""
+    print(f"xattn: threshold {args.threshold}{by_call}, stride {args.stride}, block size {args.block_size}")
     print()
     _print_runs([("dense (eager)", dense), ("xattn sparse", sparse)])
     same = "yes" if sparse.first_token == dense.first_token else "no"
@@ -146,7 +171,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     demo.log(f"dense done in {dense.seconds:.1f} s")
 
     sparse_model = demo.compile_sparse(model, block_size=args.block_size)
-    settings = dict(threshold=args.threshold, stride=args.stride)
+    settings = dict(threshold=args.threshold, threshold_by_call=args.threshold_by_call, stride=args.stride)
     demo.log(f"run 2/2: torch.compile(backend='xattn') with {settings}; the first call compiles (~30-60 s on CPU)")
     sparse = demo.run_sparse(sparse_model, tokenizer, prompt, new_tokens=args.new_tokens, **settings)
     demo.log(f"sparse done in {sparse.seconds:.1f} s")

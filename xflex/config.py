@@ -4,9 +4,10 @@ defaults and `xflex.sparsity(...)` run-time overrides."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
 import torch
@@ -26,6 +27,10 @@ class Config:
         threshold: tau in (0, 1]: each query block keeps the fewest key blocks
             whose estimated attention mass reaches tau (1.0 keeps all visible
             blocks). A sequence gives one value per query head.
+        threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
+            first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
+            a call's name (as in ``SparsityStats``) gives its threshold; other
+            calls use ``threshold``. Weak layers can keep more mass this way.
         stride: antidiagonal stride S; divides ``block_size`` (8: more accurate,
             16: faster scoring).
         block_size: FlexAttention block size (fixed per compiled model).
@@ -39,6 +44,7 @@ class Config:
 
     enabled: bool = True
     threshold: float | tuple[float, ...] = 0.9
+    threshold_by_call: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
     stride: int = 8
     block_size: int = 128
     min_seq_len: int = 1024
@@ -59,6 +65,8 @@ class Config:
             raise ValueError(f"unknown xflex option(s) {unknown}; expected some of {sorted(_FIELDS)}")
         if "threshold" in options:
             options["threshold"] = _normalise_threshold(options["threshold"])
+        if "threshold_by_call" in options:
+            options["threshold_by_call"] = _normalise_threshold_by_call(options["threshold_by_call"])
         return dataclasses.replace(base, **options)
 
     def override(self, overrides: Mapping[str, object]) -> Config:
@@ -78,19 +86,23 @@ class Config:
     def from_key(key: str) -> Config:
         return _config_from_key(key)
 
-    def threshold_tensor(self, num_heads: int, device: torch.device) -> torch.Tensor:
-        """Threshold per query head, shaped ``(1, H, 1, 1)`` to broadcast over scores."""
-        values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,) * num_heads
+    def threshold_for(self, call_name: str) -> float | tuple[float, ...]:
+        """The threshold of the call named ``call_name`` (see ``threshold_by_call``)."""
+        for pattern, threshold in self.threshold_by_call:
+            if fnmatch.fnmatchcase(call_name, pattern):
+                return threshold
+        return self.threshold
+
+    def threshold_tensor(self, num_heads: int, device: torch.device, call_name: str = "") -> torch.Tensor:
+        """The call's threshold per query head, shaped ``(1, H, 1, 1)`` to broadcast over scores."""
+        threshold = self.threshold_for(call_name)
+        values = threshold if isinstance(threshold, tuple) else (threshold,) * num_heads
         if len(values) != num_heads:
             raise ValueError(
-                f"threshold has one value per query head, but got {len(values)} values for {num_heads} heads"
+                f"threshold of call {call_name!r} has one value per query head, but got {len(values)} values "
+                f"for {num_heads} heads"
             )
         return _threshold_tensor(values, torch.device(device))
-
-    @property
-    def keeps_everything(self) -> bool:
-        values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
-        return min(values) >= 1.0
 
 
 @lru_cache(maxsize=64)
@@ -107,8 +119,8 @@ RUNTIME_OPTIONS = tuple(name for name in _FIELDS if name not in COMPILE_TIME_OPT
 @lru_cache(maxsize=256)
 def _config_from_key(key: str) -> Config:
     values = json.loads(key)
-    if isinstance(values["threshold"], list):
-        values["threshold"] = tuple(values["threshold"])
+    values["threshold"] = _normalise_threshold(values["threshold"])
+    values["threshold_by_call"] = _normalise_threshold_by_call(values["threshold_by_call"])
     return Config(**values)
 
 
@@ -118,6 +130,24 @@ def _normalise_threshold(value: object) -> float | tuple[float, ...]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         return tuple(float(v) if _is_real(v) else v for v in value)  # type: ignore[misc]
     return float(value) if _is_real(value) else value  # type: ignore[return-value]
+
+
+def _normalise_threshold_by_call(value: object) -> object:
+    """A ``{pattern: threshold}`` mapping (or its ``(pattern, threshold)`` pairs,
+    as JSON carries them) to a tuple of pairs, order kept; anything else is
+    returned for validation to reject."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(pairs, Iterable) or isinstance(pairs, str):
+        return value
+    pairs = list(pairs)
+    if not all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in pairs):
+        return value
+    return tuple((pattern, _normalise_threshold(threshold)) for pattern, threshold in pairs)
+
+
+def _valid_threshold(value: object) -> bool:
+    values = value if isinstance(value, tuple) else (value,)
+    return len(values) > 0 and all(_is_real(t) and 0.0 < t <= 1.0 and not math.isnan(t) for t in values)
 
 
 def _is_real(value: object) -> bool:
@@ -135,12 +165,18 @@ def _is_int(value: object) -> bool:
 
 def _validate_config(c: Config) -> None:
     _check(isinstance(c.enabled, bool), "enabled", "a bool", c.enabled)
-    thresholds = c.threshold if isinstance(c.threshold, tuple) else (c.threshold,)
     _check(
-        len(thresholds) > 0 and all(_is_real(t) and 0.0 < t <= 1.0 and not math.isnan(t) for t in thresholds),
+        _valid_threshold(c.threshold),
         "threshold",
         "a float in (0, 1] or a non-empty sequence of them (one per query head)",
         c.threshold,
+    )
+    _check(
+        isinstance(c.threshold_by_call, tuple)
+        and all(isinstance(pattern, str) and _valid_threshold(t) for pattern, t in c.threshold_by_call),
+        "threshold_by_call",
+        "a mapping from call-name patterns (str) to thresholds (a float in (0, 1] or one per query head)",
+        c.threshold_by_call,
     )
     _check(c.block_size in _BLOCK_SIZES, "block_size", f"one of {_BLOCK_SIZES}", c.block_size)
     _check(

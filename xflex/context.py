@@ -28,7 +28,8 @@ def sparsity(**overrides: object) -> Iterator[SparsityStats]:
     """Change xflex settings for the attention calls inside the block.
 
     Accepts any option but ``block_size`` (fixed at compile time): ``enabled``,
-    ``threshold`` (float in (0, 1] or one per query head), ``stride``,
+    ``threshold`` (float in (0, 1] or one per query head),
+    ``threshold_by_call`` (``{call-name pattern: threshold}``), ``stride``,
     ``min_seq_len``, ``keep_sink``, ``keep_recent``, ``scorer``. Nested blocks:
     the inner value wins, the outer is restored on exit (also on exceptions).
     The compiled model is not recompiled.

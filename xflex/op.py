@@ -186,6 +186,7 @@ def plan_blocks(
     is_causal: bool,
     scale: float | None,
     config: Config,
+    call_name: str = "",
 ) -> tuple[CallPattern, KVBlocks]:
     """The call's mask semantics and the block selection the sparse path
     computes (scorer -> forced blocks -> threshold selection), with
@@ -209,15 +210,15 @@ def plan_blocks(
         visible=pattern.visibility.any,
         fully_visible=None if no_full_blocks else pattern.visibility.all,
         forced=forced,
-        threshold=config.threshold_tensor(query.shape[1], query.device),
+        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
         use_triton=_triton_runs_on(query),
     )
     return pattern, blocks
 
 
-def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Config, needs_grad: bool):
+def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Config, needs_grad: bool, call_name: str):
     Lq, Lk = query.shape[2], key.shape[2]
-    pattern, blocks = plan_blocks(query, key, attn_mask, is_causal, scale, config)
+    pattern, blocks = plan_blocks(query, key, attn_mask, is_causal, scale, config, call_name)
     block_mask = _build_block_mask(blocks, pattern, config.block_size, (Lq, Lk), needs_grad)
     out = _run_flex(
         query,
@@ -273,7 +274,7 @@ def _sparse_sdpa_op(
 
     with _eager_dispatch_state():
         out, selected, visible, block_mask = _sparse_attention(
-            query, key, value, attn_mask, is_causal, scale, cfg, needs_grad
+            query, key, value, attn_mask, is_causal, scale, cfg, needs_grad, call_name
         )
     if recording():
         record_call(
