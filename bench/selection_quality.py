@@ -162,6 +162,8 @@ def main() -> None:
         calibration, cal_length = capture(model, tokenizer, args.calibration_text, args.tokens)
         taus = calibrate(calibration, cal_length, args.block_size, args.samples, args.stride, args.per_layer_target)
         print(f"per-layer taus for recall >= {args.per_layer_target} on {args.calibration_text}: {taus}")
+        by_call = {f"model.layers.{i}.self_attn": t for i, t in enumerate(taus) if t != _TAU_GRID[0]}
+        print(f"as xflex options (Hugging Face call names): threshold={_TAU_GRID[0]}, threshold_by_call={by_call}")
         del calibration
         globals_ = {f"tau{t} S{args.stride}": (dict(threshold=t, stride=args.stride), 1.0) for t in (0.9, 0.95, 0.97)}
         name = f"per-layer tau (recall >= {args.per_layer_target} on calibration text) S{args.stride}"
