@@ -17,7 +17,7 @@ __all__ = ["select_kv_blocks_triton"]
 
 
 @triton.jit
-def _store_kv_layout(member, in_row, offs, num_ptr, idx_row_ptr, stride_idx):
+def _store_kv_layout(member, in_row, offs, num_ptr, idx_row_ptr):
     """FlexAttention's layout of one row: the member blocks first, then the
     others, each in ascending order (what a stable argsort of ``member`` gives)."""
     member = member & in_row
@@ -25,7 +25,7 @@ def _store_kv_layout(member, in_row, offs, num_ptr, idx_row_ptr, stride_idx):
     rank_member = tl.cumsum(member.to(tl.int32), 0) - 1
     rank_other = count + tl.cumsum((in_row & ~member).to(tl.int32), 0) - 1
     slot = tl.where(member, rank_member, rank_other)
-    tl.store(idx_row_ptr + slot * stride_idx, offs, mask=in_row)
+    tl.store(idx_row_ptr + slot, offs, mask=in_row)
     tl.store(num_ptr, count)
 
 
@@ -90,7 +90,7 @@ def _select_kv_blocks_kernel(
     bits = mass.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     lo = -1
     hi = 0x7F800000  # +inf: kept_above(hi) is the forced mass (and hi - lo fits int32)
-    for _ in range(32):
+    for _ in range(31):  # the range [-1, 0x7F800000] halves to one value in 31 steps
         mid = lo + (hi - lo) // 2
         below = forced_mass + tl.sum(tl.where(bits > mid, candidate_mass, 0.0), 0) < budget
         hi = tl.where(below, mid, hi)
@@ -112,8 +112,8 @@ def _select_kv_blocks_kernel(
         full = selected & (tl.load(full_ptr + b * stride_fb + h * stride_fh + q * stride_fq + offs, mask=in_row, other=0) != 0)
     else:
         full = offs < 0
-    _store_kv_layout(selected & ~full, in_row, offs, kv_num_ptr + row, kv_idx_ptr + row * n_k, 1)
-    _store_kv_layout(full, in_row, offs, full_num_ptr + row, full_idx_ptr + row * n_k, 1)
+    _store_kv_layout(selected & ~full, in_row, offs, kv_num_ptr + row, kv_idx_ptr + row * n_k)
+    _store_kv_layout(full, in_row, offs, full_num_ptr + row, full_idx_ptr + row * n_k)
 
 
 def _as_bytes(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
