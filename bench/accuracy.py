@@ -26,6 +26,7 @@ import torch
 
 import xflex
 from xflex import demo
+from xflex.calibration import sampled_block_mass
 from xflex.op import plan_blocks
 
 QUICK_LENGTHS = (4096,)
@@ -60,7 +61,7 @@ def _config_name(threshold: float, stride: int) -> str:
 
 
 def _quality_helpers():
-    """The capture/true-mass/oracle helpers of bench/selection_quality.py (one
+    """The capture/oracle helpers of bench/selection_quality.py (one
     implementation), or None when that file is not beside this one."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     try:
@@ -80,7 +81,7 @@ def _layer_quality(call, configs, block_size: int, samples: int, helpers) -> dic
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     n_q = math.ceil(q.shape[2] / block_size)
     q_blocks = sorted(set(torch.linspace(1, n_q - 1, samples).round().long().tolist()))
-    mass = helpers.true_block_mass(q, k, scale, block_size, q_blocks)  # (H, samples, nK)
+    mass = sampled_block_mass(q, k, None, True, scale, block_size, q_blocks)[0]  # (H, samples, nK)
     visible = torch.tensor([i + 1 for i in q_blocks], dtype=torch.float32)
     out = {}
     for threshold, stride in configs:

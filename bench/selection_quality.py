@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import xflex
 from xflex import demo
+from xflex.calibration import sampled_block_mass
 from xflex.op import plan_blocks
 
 
@@ -41,24 +42,6 @@ def captured_attention_inputs():
         yield calls
     finally:
         F.scaled_dot_product_attention = original
-
-
-def true_block_mass(q, k, scale, block_size, q_blocks):
-    """``(H, len(q_blocks), nK)``: each sampled query block's true attention mass
-    per key block (causal), rows normalised to 1."""
-    H, L = q.shape[1], q.shape[2]
-    k = k.repeat_interleave(H // k.shape[1], dim=1)[0].float()
-    n_k = math.ceil(L / block_size)
-    out = torch.zeros(H, len(q_blocks), n_k)
-    for row, i in enumerate(q_blocks):
-        lo, hi = i * block_size, min(L, (i + 1) * block_size)
-        logits = (q[0, :, lo:hi].float() @ k.transpose(-1, -2)) * scale
-        positions = torch.arange(lo, hi)[:, None]
-        logits = logits.masked_fill(torch.arange(L)[None, :] > positions, float("-inf"))
-        probs = torch.softmax(logits, -1)
-        padded = F.pad(probs, (0, n_k * block_size - L))
-        out[:, row] = padded.view(H, hi - lo, n_k, block_size).sum((1, 3)) / (hi - lo)
-    return out
 
 
 def oracle_counts(mass: torch.Tensor, tau: float) -> torch.Tensor:
@@ -100,7 +83,7 @@ def measure(calls, length, block_size, samples, settings_for_layer):
     visible = torch.tensor([i + 1 for i in q_blocks], dtype=torch.float32)
     per_layer = []
     for layer, (q, k, scale) in enumerate(calls):
-        mass = true_block_mass(q, k, scale, block_size, q_blocks)
+        mass = sampled_block_mass(q, k, None, True, scale, block_size, q_blocks)[0]
         oracle = (oracle_counts(mass, 0.9).float() / visible).mean().item()
         results = {}
         for name, (settings, temperature) in settings_for_layer(layer).items():

@@ -74,6 +74,22 @@ def test_low_threshold_is_sparse_and_toggling_never_recompiles(compiled):
     assert by_call["layers.1"] == 1.0 and by_call["layers.0"] < 1.0 and by_call["layers.2"] < 1.0
 
 
+@torch.no_grad()
+def test_calibrated_thresholds_apply_per_layer_without_recompiling(compiled):
+    model, inputs, _ = compiled
+    with count_xattn_compiles() as compiles:
+        with xflex.calibration(target_recall=0.95, thresholds=(0.3, 0.6, 0.9, 0.99), samples=3) as cal:
+            model(*inputs)
+        with xflex.sparsity(threshold=0.3, threshold_by_call=cal.threshold_by_call) as stats:
+            model(*inputs)
+    assert compiles.call_count == 0
+    assert set(cal.threshold_by_call) == {"layers.0", "layers.1", "layers.2"}
+    recalls = cal.recall_by_call()
+    for name, tau in cal.threshold_by_call.items():
+        assert recalls[name][tau] >= 0.95 or tau == 0.99
+    assert len(stats.sparse_calls) == 3
+
+
 def test_nested_contexts_restore_the_outer_settings():
     base = xflex.Config()
     with xflex.sparsity(threshold=0.7):

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .calibration import Calibration, active_calibrations, sample_query_blocks, sampled_block_mass
 from .config import Config
 from .context import effective_config, record_call, recording
 from .pattern import CallPattern, call_pattern
 from .score_mods import antidiagonal_block_scores
-from .selection import KVBlocks, forced_blocks, select_kv_blocks
+from .selection import KVBlocks, forced_blocks, select_blocks, select_kv_blocks
 from .stats import CallRecord
 
 __all__ = ["sparse_sdpa", "dense_reason", "plan_blocks"]
@@ -179,6 +180,36 @@ def _build_block_mask(blocks: KVBlocks, pattern: CallPattern, block_size: int, s
     )
 
 
+def _scores_and_forced(query, key, attn_mask, is_causal, scale, config: Config):
+    """The call's mask semantics, its block scores and its forced blocks."""
+    pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
+    scores = _block_scores(query, key, pattern, config, scale)
+    forced = forced_blocks(
+        query.shape[2],
+        key.shape[2],
+        config.block_size,
+        diagonal_offset=pattern.diagonal_offset,
+        keep_sink=config.keep_sink and pattern.causal,
+        keep_recent=config.keep_recent,
+        device=query.device,
+    )
+    return pattern, scores, forced
+
+
+def _select(query, pattern: CallPattern, scores, forced, config: Config, call_name: str) -> KVBlocks:
+    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
+    # full blocks: there every selected block carries the mask_mod.
+    no_full_blocks = pattern.captures_tensors and query.device.type == "cpu"
+    return select_kv_blocks(
+        scores,
+        visible=pattern.visibility.any,
+        fully_visible=None if no_full_blocks else pattern.visibility.all,
+        forced=forced,
+        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
+        use_triton=_triton_runs_on(query),
+    )
+
+
 def plan_blocks(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -191,34 +222,32 @@ def plan_blocks(
     """The call's mask semantics and the block selection the sparse path
     computes (scorer -> forced blocks -> threshold selection), with
     ``.selected`` the ``(B, Hq, nQ, nK)`` bool selection."""
-    pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
-    scores = _block_scores(query, key, pattern, config, scale)
-    forced = forced_blocks(
-        query.shape[2],
-        key.shape[2],
-        config.block_size,
-        diagonal_offset=pattern.diagonal_offset,
-        keep_sink=config.keep_sink and pattern.causal,
-        keep_recent=config.keep_recent,
-        device=query.device,
+    pattern, scores, forced = _scores_and_forced(query, key, attn_mask, is_causal, scale, config)
+    return pattern, _select(query, pattern, scores, forced, config, call_name)
+
+
+def _calibration_recalls(query, key, attn_mask, is_causal, scale, block_size, pattern, scores, forced, cal: Calibration):
+    """``(len(cal.thresholds),)``: the true attention mass inside the blocks the
+    selection keeps at each candidate threshold, on sampled query blocks."""
+    q_blocks = sample_query_blocks(scores.shape[2], cal.samples)
+    mass = sampled_block_mass(query, key, attn_mask, is_causal, scale, block_size, q_blocks)
+    rows_that_see = mass.sum(-1) > 0
+    sampled = dict(visible=pattern.visibility.any[:, :, q_blocks], forced=forced[:, :, q_blocks])
+    return torch.stack(
+        [
+            (mass * select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled)).sum(-1)[rows_that_see].mean()
+            for tau in cal.thresholds
+        ]
     )
-    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
-    # full blocks: there every selected block carries the mask_mod.
-    no_full_blocks = pattern.captures_tensors and query.device.type == "cpu"
-    blocks = select_kv_blocks(
-        scores,
-        visible=pattern.visibility.any,
-        fully_visible=None if no_full_blocks else pattern.visibility.all,
-        forced=forced,
-        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
-        use_triton=_triton_runs_on(query),
-    )
-    return pattern, blocks
 
 
 def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Config, needs_grad: bool, call_name: str):
     Lq, Lk = query.shape[2], key.shape[2]
-    pattern, blocks = plan_blocks(query, key, attn_mask, is_causal, scale, config, call_name)
+    pattern, scores, forced = _scores_and_forced(query, key, attn_mask, is_causal, scale, config)
+    blocks = _select(query, pattern, scores, forced, config, call_name)
+    for cal in active_calibrations():
+        recalls = _calibration_recalls(query, key, attn_mask, is_causal, scale, config.block_size, pattern, scores, forced, cal)
+        cal.recalls.setdefault(call_name, []).append(recalls)
     block_mask = _build_block_mask(blocks, pattern, config.block_size, (Lq, Lk), needs_grad)
     out = _run_flex(
         query,
