@@ -180,36 +180,6 @@ def _build_block_mask(blocks: KVBlocks, pattern: CallPattern, block_size: int, s
     )
 
 
-def _scores_and_forced(query, key, attn_mask, is_causal, scale, config: Config):
-    """The call's mask semantics, its block scores and its forced blocks."""
-    pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
-    scores = _block_scores(query, key, pattern, config, scale)
-    forced = forced_blocks(
-        query.shape[2],
-        key.shape[2],
-        config.block_size,
-        diagonal_offset=pattern.diagonal_offset,
-        keep_sink=config.keep_sink and pattern.causal,
-        keep_recent=config.keep_recent,
-        device=query.device,
-    )
-    return pattern, scores, forced
-
-
-def _select(query, pattern: CallPattern, scores, forced, config: Config, call_name: str) -> KVBlocks:
-    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
-    # full blocks: there every selected block carries the mask_mod.
-    no_full_blocks = pattern.captures_tensors and query.device.type == "cpu"
-    return select_kv_blocks(
-        scores,
-        visible=pattern.visibility.any,
-        fully_visible=None if no_full_blocks else pattern.visibility.all,
-        forced=forced,
-        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
-        use_triton=_triton_runs_on(query),
-    )
-
-
 def plan_blocks(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -221,9 +191,34 @@ def plan_blocks(
 ) -> tuple[CallPattern, KVBlocks]:
     """The call's mask semantics and the block selection the sparse path
     computes (scorer -> forced blocks -> threshold selection), with
-    ``.selected`` the ``(B, Hq, nQ, nK)`` bool selection."""
-    pattern, scores, forced = _scores_and_forced(query, key, attn_mask, is_causal, scale, config)
-    return pattern, _select(query, pattern, scores, forced, config, call_name)
+    ``.selected`` the ``(B, Hq, nQ, nK)`` bool selection. Inside
+    ``xflex.calibration`` it also records the call's recall per candidate tau."""
+    pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
+    scores = _block_scores(query, key, pattern, config, scale)
+    forced = forced_blocks(
+        query.shape[2],
+        key.shape[2],
+        config.block_size,
+        diagonal_offset=pattern.diagonal_offset,
+        keep_sink=config.keep_sink and pattern.causal,
+        keep_recent=config.keep_recent,
+        device=query.device,
+    )
+    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
+    # full blocks: there every selected block carries the mask_mod.
+    no_full_blocks = pattern.captures_tensors and query.device.type == "cpu"
+    blocks = select_kv_blocks(
+        scores,
+        visible=pattern.visibility.any,
+        fully_visible=None if no_full_blocks else pattern.visibility.all,
+        forced=forced,
+        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
+        use_triton=_triton_runs_on(query),
+    )
+    for cal in active_calibrations():
+        recalls = _calibration_recalls(query, key, attn_mask, is_causal, scale, config.block_size, pattern, scores, forced, cal)
+        cal.recalls.setdefault(call_name, []).append(recalls)
+    return pattern, blocks
 
 
 def _calibration_recalls(query, key, attn_mask, is_causal, scale, block_size, pattern, scores, forced, cal: Calibration):
@@ -243,11 +238,7 @@ def _calibration_recalls(query, key, attn_mask, is_causal, scale, block_size, pa
 
 def _sparse_attention(query, key, value, attn_mask, is_causal, scale, config: Config, needs_grad: bool, call_name: str):
     Lq, Lk = query.shape[2], key.shape[2]
-    pattern, scores, forced = _scores_and_forced(query, key, attn_mask, is_causal, scale, config)
-    blocks = _select(query, pattern, scores, forced, config, call_name)
-    for cal in active_calibrations():
-        recalls = _calibration_recalls(query, key, attn_mask, is_causal, scale, config.block_size, pattern, scores, forced, cal)
-        cal.recalls.setdefault(call_name, []).append(recalls)
+    pattern, blocks = plan_blocks(query, key, attn_mask, is_causal, scale, config, call_name)
     block_mask = _build_block_mask(blocks, pattern, config.block_size, (Lq, Lk), needs_grad)
     out = _run_flex(
         query,
