@@ -51,10 +51,10 @@ def reference_score(q, k, stride):
     return antidiagonal_block_scores(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
 
 
-def select(scores, q_len, kv_len, use_triton=None, threshold=_THRESHOLD):
+def select(scores, q_len, kv_len, use_triton=True, threshold=_THRESHOLD):
     """Forced blocks, tau-selection and FlexAttention's kv-block layout: what
     ``xflex.op.plan_blocks`` does after scoring on a causal call (the fused
-    Triton kernel on CUDA, or the torch ops with ``use_triton=False``)."""
+    Triton kernel, or the torch ops with ``use_triton=False``)."""
     import xflex
     from xflex.score_mods import causal_block_visibility
     from xflex.selection import forced_blocks, select_kv_blocks

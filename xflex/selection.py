@@ -135,7 +135,7 @@ def select_kv_blocks(
     fully_visible: torch.Tensor | None,
     forced: torch.Tensor,
     threshold: torch.Tensor,
-    use_triton: bool | None = None,
+    use_triton: bool,
 ) -> KVBlocks:
     """:func:`select_blocks`, then the kept blocks split into full (entirely
     visible under the mask) and partial, each laid out by :func:`to_kv_blocks`.
@@ -144,19 +144,18 @@ def select_kv_blocks(
         scores, visible, forced: as in :func:`select_blocks`.
         fully_visible: bool, broadcastable to ``scores``; None: no full blocks.
         threshold: ``(1, H|1, 1, 1)`` fp32 per-head thresholds.
-        use_triton: the fused Triton kernel (``xflex.selection_triton``) or the
-            torch ops; None picks Triton on CUDA.
+        use_triton: the fused Triton kernel (``xflex.selection_triton``, CUDA)
+            or the torch ops (the reference); the op decides (Triton on CUDA
+            when Triton is installed).
 
     Example:
         >>> s = torch.tensor([[[[0.1, 0.6, 0.3]]]])
         >>> yes = torch.ones_like(s, dtype=torch.bool)
         >>> blocks = select_kv_blocks(s, visible=yes, fully_visible=yes, forced=~yes,
-        ...                           threshold=torch.full((1, 1, 1, 1), 0.8))
+        ...                           threshold=torch.full((1, 1, 1, 1), 0.8), use_triton=False)
         >>> blocks.full_kv_num_blocks, blocks.full_kv_indices
         (tensor([[[2]]], dtype=torch.int32), tensor([[[[1, 2, 0]]]], dtype=torch.int32))
     """
-    if use_triton is None:
-        use_triton = scores.is_cuda
     if use_triton:
         from .selection_triton import select_kv_blocks_triton
 
