@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from scoring import dense_sdpa, select, time_ms  # noqa: E402
+from scoring import dense_sdpa, time_ms  # noqa: E402
 from synthetic import llm_like_inputs  # noqa: E402
 
 import xflex  # noqa: E402
@@ -52,7 +52,7 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
         pattern = xop.call_pattern(q, k, None, True, config.block_size)
         t_score = time_ms(lambda: xop._block_scores(q, k, pattern, config, None))
         scores = xop._block_scores(q, k, pattern, config, None)
-        t_select = time_ms(lambda: select(scores, length, length, threshold=threshold))
+        t_select = time_ms(lambda: xop.select_for_call(scores, pattern, length, length, config, use_triton=True))
         _, blocks = xop.plan_blocks(q, k, None, True, None, config)
         block_mask = xop._build_block_mask(blocks, pattern, config.block_size, (length, length), False)
         t_flex = time_ms(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))

@@ -51,27 +51,18 @@ def reference_score(q, k, stride):
     return antidiagonal_block_scores(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
 
 
-def select(scores, q_len, kv_len, use_triton=True, threshold=_THRESHOLD):
-    """Forced blocks, tau-selection and FlexAttention's kv-block layout: what
-    ``xflex.op.plan_blocks`` does after scoring on a causal call (the fused
-    Triton kernel, or the torch ops with ``use_triton=False``)."""
+def select(scores, q, k, use_triton=True, threshold=_THRESHOLD):
+    """``(KVBlocks, visible)``: what ``xflex.op.plan_blocks`` does after scoring
+    on a causal call (the fused Triton kernel, or the torch ops with
+    ``use_triton=False``); ``visible`` is the causal block visibility."""
     import xflex
-    from xflex.score_mods import causal_block_visibility
-    from xflex.selection import forced_blocks, select_kv_blocks
+    from xflex.op import select_for_call
+    from xflex.pattern import call_pattern
 
-    device = scores.device
-    visibility = causal_block_visibility(q_len, kv_len, _BLOCK_SIZE, 0, device)
-    forced = forced_blocks(q_len, kv_len, _BLOCK_SIZE, diagonal_offset=0, keep_sink=True, keep_recent=0, device=device)
-    tau = xflex.Config(threshold=threshold).threshold_tensor(scores.shape[1], device)
-    blocks = select_kv_blocks(
-        scores,
-        visible=visibility.any,
-        fully_visible=visibility.all,
-        forced=forced,
-        threshold=tau,
-        use_triton=use_triton,
-    )
-    return blocks, visibility.any
+    pattern = call_pattern(q, k, None, True, _BLOCK_SIZE)
+    config = xflex.Config(threshold=threshold, block_size=_BLOCK_SIZE)
+    blocks = select_for_call(scores, pattern, q.shape[2], k.shape[2], config, use_triton=use_triton)
+    return blocks, pattern.visibility.any
 
 
 def dense_attention(q, k, v):
@@ -160,15 +151,15 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
             score_ms = time_ms(lambda: score(q, k, stride))
             reduced_pairs = math.ceil(length / stride) * (math.ceil(length / stride) + 1) / 2
             score_tflops = _tflops(2 * heads * reduced_pairs * stride * head_dim, score_ms)
-            select_ms = time_ms(lambda: select(scores, length, length))
-            torch_select_ms = time_ms(lambda: select(scores, length, length, use_triton=False))
-            blocks, visible = select(scores, length, length)
-            reference_blocks, _ = select(scores, length, length, use_triton=False)
+            select_ms = time_ms(lambda: select(scores, q, k))
+            torch_select_ms = time_ms(lambda: select(scores, q, k, use_triton=False))
+            blocks, visible = select(scores, q, k)
+            reference_blocks, _ = select(scores, q, k, use_triton=False)
             differing = (blocks.selected != reference_blocks.selected).sum().item()
             density = blocks.selected.sum().item() / (visible.sum().item() * heads)
             ref_ms = time_ms(lambda: reference_score(q, k, stride)) if length <= _REFERENCE_MAX_LEN else None
             del scores, blocks, reference_blocks
-            mib = peak_extra_mib(lambda: select(score(q, k, stride), length, length))
+            mib = peak_extra_mib(lambda: select(score(q, k, stride), q, k))
             rows.append(
                 dict(
                     L=f"{length // _K}K",

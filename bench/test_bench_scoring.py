@@ -58,7 +58,7 @@ def test_scoring_and_selection(benchmark, inputs, stride):
     if q.shape[2] <= _REFERENCE_MAX_LEN:
         torch.testing.assert_close(scoring.score(q, k, stride), scoring.reference_score(q, k, stride), rtol=1e-4, atol=1e-5)
     benchmark.group = f"scoring+selection L={q.shape[2] // _K}K"
-    blocks, visible = _bench(benchmark, lambda: scoring.select(scoring.score(q, k, stride), q.shape[2], k.shape[2]), dense_ms)
+    blocks, visible = _bench(benchmark, lambda: scoring.select(scoring.score(q, k, stride), q, k), dense_ms)
     benchmark.extra_info["density"] = round(blocks.selected.sum().item() / (visible.sum().item() * q.shape[1]), 4)
 
 
@@ -86,8 +86,8 @@ def test_selection(benchmark, inputs, kernel):
     q, k, _, dense_ms = inputs
     scores = scoring.score(q, k, 16)
     benchmark.group = f"selection L={q.shape[2] // _K}K"
-    blocks, _ = _bench(benchmark, lambda: scoring.select(scores, q.shape[2], k.shape[2], use_triton=kernel == "triton"), dense_ms)
-    reference, _ = scoring.select(scores, q.shape[2], k.shape[2], use_triton=False)
+    blocks, _ = _bench(benchmark, lambda: scoring.select(scores, q, k, use_triton=kernel == "triton"), dense_ms)
+    reference, _ = scoring.select(scores, q, k, use_triton=False)
     benchmark.extra_info["blocks_unlike_torch"] = (blocks.selected != reference.selected).sum().item()
 
 

@@ -104,6 +104,101 @@ def _reduced_logits(
     return acc
 
 
+@triton.jit
+def _online_softmax_tile(
+    q_rows,
+    k_base,
+    visible_rows,
+    scratch_rows,
+    t,
+    u0,
+    m_i,
+    l_i,
+    q_len,
+    k_len,
+    diag_shift,
+    qk_scale,
+    stride_ql,
+    stride_qd,
+    stride_kl,
+    stride_kd,
+    stride_vq,
+    stride_vk,
+    STRIDE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_CAUSAL: tl.constexpr,
+    HAS_BLOCK_VISIBLE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One key tile ``[u0, u0 + BLOCK_N)`` of the online softmax: parks the
+    tile's per-key-block log2-sum-exp2 in scratch and returns the updated row max
+    and sum. ``MASKED`` tiles cross the causal diagonal or the last key tile;
+    the others skip the per-element mask."""
+    K_BLOCKS: tl.constexpr = BLOCK_N // TILES_PER_BLOCK
+    n_k_tiles = tl.cdiv(k_len, STRIDE)
+    n_k_blocks = tl.cdiv(n_k_tiles, TILES_PER_BLOCK)
+    u = u0 + tl.arange(0, BLOCK_N)
+    kb = u0 // TILES_PER_BLOCK + tl.arange(0, K_BLOCKS)
+    if HAS_BLOCK_VISIBLE:  # per (row, key block): [BLOCK_M, K_BLOCKS], not per element
+        allowed = (
+            tl.load(
+                visible_rows + (t // TILES_PER_BLOCK)[:, None] * stride_vq + kb[None, :] * stride_vk,
+                mask=(t < tl.cdiv(q_len, STRIDE))[:, None] & (kb < n_k_blocks)[None, :],
+                other=0,
+            )
+            != 0
+        )
+        # Key blocks the block mask hides from every row are skipped, not computed.
+        has_keys = tl.max(allowed.to(tl.int32)) > 0
+    else:
+        has_keys = True
+    block_lse = tl.full([BLOCK_M, K_BLOCKS], float("-inf"), dtype=tl.float32)
+    if has_keys:
+        k_row_first = u * STRIDE
+        logits = _reduced_logits(
+            q_rows,
+            t * STRIDE + STRIDE - 1,
+            k_base + k_row_first.to(tl.int64)[None, :] * stride_kl,
+            k_row_first,
+            q_len,
+            k_len,
+            stride_ql,
+            stride_qd,
+            stride_kl,
+            stride_kd,
+            STRIDE,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            DOT_PRECISION,
+        )
+        x = logits * qk_scale
+        if MASKED:
+            visible = (u < n_k_tiles)[None, :]
+            if HAS_CAUSAL:
+                visible = visible & (u[None, :] <= t[:, None] + diag_shift)
+            x = tl.where(visible, x, float("-inf"))
+        x = tl.reshape(x, [BLOCK_M, K_BLOCKS, TILES_PER_BLOCK])
+        if HAS_BLOCK_VISIBLE:
+            x = tl.where(allowed[:, :, None], x, float("-inf"))
+        # Block sums relative to the running row max, as flash attention does: a
+        # block only underflows to zero when its mass is < 2^-126 of the max.
+        m_new = tl.maximum(m_i, tl.max(tl.max(x, axis=2), axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        block_sum = tl.sum(tl.exp2(x - m_ref[:, None, None]), axis=2)
+        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(block_sum, axis=1)
+        m_i = m_new
+        block_lse = m_ref[:, None] + tl.log2(block_sum)
+    tl.store(scratch_rows + kb[None, :], block_lse, mask=(kb < n_k_blocks)[None, :])
+    return m_i, l_i
+
+
 @triton.autotune(
     configs=_CONFIGS,
     key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE"],
@@ -172,91 +267,54 @@ def _antidiagonal_scores_kernel(
     n_q_blocks = tl.cdiv(n_q_tiles, TILES_PER_BLOCK)
     n_k_blocks = tl.cdiv(n_k_tiles, TILES_PER_BLOCK)
 
+    t_first = tile_start + pid_m * BLOCK_M
     local_t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row within this launch's chunk
     t = tile_start + local_t
     q_row_last = t * STRIDE + STRIDE - 1
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_row_last.to(tl.int64)[:, None] * stride_ql
     k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group_size).to(tl.int64) * stride_kh
+    visible_rows = visible_ptr + b * stride_vb + h * stride_vh
     scratch_rows = scratch_ptr + pid_bh.to(tl.int64) * stride_sh + local_t[:, None] * stride_sr
-    offs_n = tl.arange(0, BLOCK_N)
     offs_kb = tl.arange(0, K_BLOCKS)
 
-    # Causal early exit: key tiles past the last row's diagonal never load.
+    # Key tiles [0, unmasked_end) are visible to every row of the program (rows
+    # past the sequence are dropped at the end); [unmasked_end, k_tile_end) cross
+    # the causal diagonal or the last key tile and take the element mask.
     k_tile_end = n_k_tiles
+    unmasked_end = n_k_tiles // BLOCK_N * BLOCK_N
     if HAS_CAUSAL:
-        last_t = tl.minimum(tile_start + (pid_m + 1) * BLOCK_M, n_q_tiles) - 1
-        k_tile_end = tl.minimum(k_tile_end, last_t + diag_shift + 1)
+        last_t = tl.minimum(t_first + BLOCK_M, n_q_tiles) - 1
+        k_tile_end = tl.minimum(k_tile_end, last_t + diag_shift + 1)  # later tiles never load
+        unmasked_end = tl.minimum(unmasked_end, tl.maximum(t_first + diag_shift + 1, 0) // BLOCK_N * BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(x - m_i)
-    for u0 in tl.range(0, k_tile_end, BLOCK_N, flatten=FLATTEN):
-        u = u0 + offs_n
-        kb = u0 // TILES_PER_BLOCK + offs_kb
-        visible = (t < n_q_tiles)[:, None] & (u < n_k_tiles)[None, :]
-        if HAS_CAUSAL:
-            visible = visible & (u[None, :] <= t[:, None] + diag_shift)
-        if HAS_BLOCK_VISIBLE:  # per (row, key block): [BLOCK_M, K_BLOCKS], not per element
-            allowed = (
-                tl.load(
-                    visible_ptr
-                    + b * stride_vb
-                    + h * stride_vh
-                    + (t // TILES_PER_BLOCK)[:, None] * stride_vq
-                    + kb[None, :] * stride_vk,
-                    mask=(t < n_q_tiles)[:, None] & (kb < n_k_blocks)[None, :],
-                    other=0,
-                )
-                != 0
-            )
-        # Key blocks the block mask hides from every row are skipped, not computed.
-        has_keys = tl.max(allowed.to(tl.int32)) > 0 if HAS_BLOCK_VISIBLE else True
-        block_lse = tl.full([BLOCK_M, K_BLOCKS], float("-inf"), dtype=tl.float32)
-        if has_keys:
-            k_row_first = u * STRIDE
-            logits = _reduced_logits(
-                q_rows,
-                q_row_last,
-                k_base + k_row_first.to(tl.int64)[None, :] * stride_kl,
-                k_row_first,
-                q_len,
-                k_len,
-                stride_ql,
-                stride_qd,
-                stride_kl,
-                stride_kd,
-                STRIDE,
-                HEAD_DIM,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                DOT_PRECISION,
-            )
-            x = tl.where(visible, logits * qk_scale, float("-inf"))
-            x = tl.reshape(x, [BLOCK_M, K_BLOCKS, TILES_PER_BLOCK])
-            if HAS_BLOCK_VISIBLE:
-                x = tl.where(allowed[:, :, None], x, float("-inf"))
-            block_max = tl.max(x, axis=2)
-            block_ref = tl.where(block_max == float("-inf"), 0.0, block_max)
-            block_sum = tl.sum(tl.exp2(x - block_ref[:, :, None]), axis=2)
-            block_sees = block_max > float("-inf")
-            block_lse = tl.where(block_sees, block_ref + tl.log2(tl.where(block_sees, block_sum, 1.0)), float("-inf"))
+    for u0 in tl.range(0, unmasked_end, BLOCK_N, flatten=FLATTEN):
+        m_i, l_i = _online_softmax_tile(
+            q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
+            stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
+            MASKED=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
+    for u0 in range(unmasked_end, k_tile_end, BLOCK_N):
+        m_i, l_i = _online_softmax_tile(
+            q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
+            stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
+            MASKED=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
 
-            m_new = tl.maximum(m_i, tl.max(block_max, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(block_lse - m_ref[:, None]), axis=1)
-            m_i = m_new
-        tl.store(scratch_rows + kb[None, :], block_lse, mask=(kb < n_k_blocks)[None, :])
-
-    # Normalise each row's block masses and sum them over the rows of each query block.
-    sees_any = l_i > 0
-    row_lse = tl.where(sees_any, m_i + tl.log2(tl.where(sees_any, l_i, 1.0)), 0.0)
-    q_block = (tile_start + pid_m * BLOCK_M) // TILES_PER_BLOCK + tl.arange(0, Q_BLOCKS)
+    # Normalise each row's block masses and sum them over the rows of each query
+    # block; rows past the sequence or seeing no key add nothing (lse = +inf).
+    sees_any = (t < n_q_tiles) & (l_i > 0)
+    row_lse = tl.where(sees_any, m_i + tl.log2(tl.where(sees_any, l_i, 1.0)), float("inf"))
+    q_block = t_first // TILES_PER_BLOCK + tl.arange(0, Q_BLOCKS)
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_block[:, None] * stride_oq
     tl.debug_barrier()  # the scratch written above is read back in another thread layout
     for u0 in range(0, k_tile_end, BLOCK_N):
         kb = u0 // TILES_PER_BLOCK + offs_kb
         block_lse = tl.load(scratch_rows + kb[None, :], mask=(kb < n_k_blocks)[None, :], other=float("-inf"))
-        probs = tl.exp2(block_lse - row_lse[:, None])  # rows that see nothing hold -inf only
+        probs = tl.exp2(block_lse - row_lse[:, None])
         scores = tl.sum(tl.reshape(probs, [Q_BLOCKS, TILES_PER_BLOCK, K_BLOCKS]), axis=1)
         tl.store(out_rows + kb[None, :], scores, mask=(q_block < n_q_blocks)[:, None] & (kb < n_k_blocks)[None, :])
 

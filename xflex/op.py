@@ -27,7 +27,7 @@ from .score_mods import antidiagonal_block_scores
 from .selection import KVBlocks, forced_blocks, select_blocks, select_kv_blocks
 from .stats import CallRecord
 
-__all__ = ["sparse_sdpa", "dense_reason", "plan_blocks"]
+__all__ = ["sparse_sdpa", "dense_reason", "plan_blocks", "select_for_call"]
 
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FROM_KV_BLOCKS_TAKES_COMPUTE_Q = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
@@ -180,6 +180,49 @@ def _build_block_mask(blocks: KVBlocks, pattern: CallPattern, block_size: int, s
     )
 
 
+def _forced_blocks(pattern: CallPattern, q_len: int, kv_len: int, config: Config, device: torch.device):
+    return forced_blocks(
+        q_len,
+        kv_len,
+        config.block_size,
+        diagonal_offset=pattern.diagonal_offset,
+        keep_sink=config.keep_sink and pattern.causal,
+        keep_recent=config.keep_recent,
+        device=device,
+    )
+
+
+def select_for_call(
+    scores: torch.Tensor,
+    pattern: CallPattern,
+    q_len: int,
+    kv_len: int,
+    config: Config,
+    call_name: str = "",
+    *,
+    use_triton: bool,
+) -> KVBlocks:
+    """The blocks a call keeps given its block scores: forced blocks (sink,
+    diagonal, recent) plus the threshold cut, in FlexAttention's kv layout
+    (``plan_blocks`` after scoring; the Triton kernel or the torch ops).
+
+    Example:
+        >>> pattern = call_pattern(q, k, None, True, config.block_size)
+        >>> blocks = select_for_call(scores, pattern, q.shape[2], k.shape[2], config, use_triton=q.is_cuda)
+    """
+    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
+    # full blocks: there every selected block carries the mask_mod.
+    no_full_blocks = pattern.captures_tensors and scores.device.type == "cpu"
+    return select_kv_blocks(
+        scores,
+        visible=pattern.visibility.any,
+        fully_visible=None if no_full_blocks else pattern.visibility.all,
+        forced=_forced_blocks(pattern, q_len, kv_len, config, scores.device),
+        threshold=config.threshold_tensor(scores.shape[1], scores.device, call_name),
+        use_triton=use_triton,
+    )
+
+
 def plan_blocks(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -195,27 +238,11 @@ def plan_blocks(
     ``xflex.calibration`` it also records the call's recall per candidate tau."""
     pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
     scores = _block_scores(query, key, pattern, config, scale)
-    forced = forced_blocks(
-        query.shape[2],
-        key.shape[2],
-        config.block_size,
-        diagonal_offset=pattern.diagonal_offset,
-        keep_sink=config.keep_sink and pattern.causal,
-        keep_recent=config.keep_recent,
-        device=query.device,
-    )
-    # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
-    # full blocks: there every selected block carries the mask_mod.
-    no_full_blocks = pattern.captures_tensors and query.device.type == "cpu"
-    blocks = select_kv_blocks(
-        scores,
-        visible=pattern.visibility.any,
-        fully_visible=None if no_full_blocks else pattern.visibility.all,
-        forced=forced,
-        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
-        use_triton=_triton_runs_on(query),
+    blocks = select_for_call(
+        scores, pattern, query.shape[2], key.shape[2], config, call_name, use_triton=_triton_runs_on(query)
     )
     for cal in active_calibrations():
+        forced = _forced_blocks(pattern, query.shape[2], key.shape[2], config, query.device)
         recalls = _calibration_recalls(query, key, attn_mask, is_causal, scale, config.block_size, pattern, scores, forced, cal)
         cal.recalls.setdefault(call_name, []).append(recalls)
     return pattern, blocks
