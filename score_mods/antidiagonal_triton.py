@@ -29,9 +29,13 @@ _SCRATCH_BYTES = 256 * 2**20
 
 # Tiles are counted in reduced rows (S tokens each): BLOCK_M query tiles by
 # BLOCK_N key tiles, the S*D reduction walked BLOCK_K columns per step.
+# Every (query tile, key tile) pair re-reads both S*D-wide tiles from L2, and
+# that traffic, not the tensor cores, sets the speed on an H100: 128x256 is the
+# largest tile whose fp32 accumulator fits the registers, hence the fastest
+# (bench/RESULTS.md, "Why the rest is out of reach").
 # FLATTEN pipelines the key-tile and reduction loops as one loop, so loads for
-# the next key tile overlap the softmax of this one: 6% faster for S=8 (16
-# reduction steps per tile) on an H100, slower for S=16, hence a tuning choice.
+# the next key tile overlap the softmax of this one: within 5% either way on an
+# H100 (it depends on S and L), hence a tuning choice.
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "FLATTEN": False}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "FLATTEN": False}, num_warps=8, num_stages=4),
