@@ -1,41 +1,83 @@
 """256K tokens on one GPU: peak extra memory of scoring, selection and the
-whole xflex op, the BlockMask's own size, and time against cuDNN dense.
+whole xflex op, the BlockMask's own size, and time against cuDNN dense
+(B=1, H=32, D=128, bf16, causal, tau 0.9, LLM-like inputs).
 
-    python bench/long_context.py
+    python bench/long_context.py [--length 262144]
 """
 
+from __future__ import annotations
+
+import argparse
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic import llm_like_inputs
-import xflex
-from xflex import op as xop
-from triton.testing import do_bench
-from torch.nn.attention import sdpa_kernel, SDPBackend
-L = 262144
-q, k, v = llm_like_inputs(L)
-base = torch.cuda.memory_allocated()
-def peak(fn):
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); fn(); torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-for S in (16, 8):
-    cfg = xflex.Config(threshold=0.9, stride=S)
-    pattern = xop.call_pattern(q, k, None, True, 128)
-    xop.plan_blocks(q, k, None, True, None, cfg)  # autotune first: its timing allocates a 256 MB L2-flush buffer
-    m_score = peak(lambda: xop._block_scores(q, k, pattern, cfg, None))
-    m_plan = peak(lambda: xop.plan_blocks(q, k, None, True, None, cfg))
-    _, blocks = xop.plan_blocks(q, k, None, True, None, cfg)
-    bm = xop._build_block_mask(blocks, pattern, 128, (L, L), False)
-    bm_mib = sum(t.numel() * t.element_size() for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)) / 2**20
-    del bm, blocks
-    with xflex.sparsity() as st:
-        m_total = peak(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=cfg))
-    t_x = do_bench(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=cfg), warmup=1, rep=1, return_mode="median")
-    t_s = do_bench(lambda: xop._block_scores(q, k, pattern, cfg, None), warmup=1, rep=1, return_mode="median")
-    print(f"256K S={S}: density {st.density:.3f}; peak extra MiB: scoring {m_score:.0f}, scoring+selection {m_plan:.0f}, whole op {m_total:.0f} (output {L*32*128*2/2**20:.0f}); BlockMask tensors {bm_mib:.0f} MiB; xflex {t_x:.1f} ms, scoring {t_s:.1f} ms", flush=True)
-with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-    t_d = do_bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), warmup=1, rep=1, return_mode="median")
-print(f"256K cuDNN dense {t_d:.1f} ms", flush=True)
+from synthetic import llm_like_inputs  # noqa: E402
+
+import xflex  # noqa: E402
+from xflex import op as xop  # noqa: E402
+
+_BLOCK_SIZE = 128
+
+
+def peak_extra_mib(fn, baseline: int) -> float:
+    """Peak GPU memory while ``fn`` runs, beyond ``baseline`` bytes, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+
+
+def time_once_ms(fn) -> float:
+    """One timed run after one warm-up (a 256K call takes 0.1-1 s)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=1, rep=1, return_mode="median")
+
+
+def measure(q, k, v, stride: int) -> str:
+    length = q.shape[2]
+    config = xflex.Config(threshold=0.9, stride=stride, block_size=_BLOCK_SIZE)
+    pattern = xop.call_pattern(q, k, None, True, _BLOCK_SIZE)
+    baseline = torch.cuda.memory_allocated()
+    xop.plan_blocks(q, k, None, True, None, config)  # autotune first: its timing allocates a 256 MB L2-flush buffer
+    scoring = peak_extra_mib(lambda: xop._block_scores(q, k, pattern, config, None), baseline)
+    planning = peak_extra_mib(lambda: xop.plan_blocks(q, k, None, True, None, config), baseline)
+    _, blocks = xop.plan_blocks(q, k, None, True, None, config)
+    mask = xop._build_block_mask(blocks, pattern, _BLOCK_SIZE, (length, length), False)
+    mask_mib = sum(t.numel() * t.element_size() for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)) / 2**20
+    del mask, blocks
+    with xflex.sparsity() as stats:
+        whole = peak_extra_mib(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=config), baseline)
+    op_ms = time_once_ms(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=config))
+    score_ms = time_once_ms(lambda: xop._block_scores(q, k, pattern, config, None))
+    output_mib = q.numel() * q.element_size() / 2**20
+    return (
+        f"L={length} S={stride}: density {stats.density:.3f}; peak extra MiB: scoring {scoring:.0f}, "
+        f"scoring+selection {planning:.0f}, whole op {whole:.0f} (output {output_mib:.0f}); BlockMask tensors "
+        f"{mask_mib:.0f} MiB; xflex {op_ms:.1f} ms, scoring {score_ms:.1f} ms"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=262144)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.long_context measures GPU memory: it needs CUDA")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = llm_like_inputs(args.length)
+    for stride in (16, 8):
+        print(measure(q, k, v, stride), flush=True)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense_ms = time_once_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    print(f"L={args.length} cuDNN dense {dense_ms:.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
