@@ -129,6 +129,19 @@ def test_block_visible_broadcasts(mask_dims, causal_offset):
     _assert_matches_reference(q, k, stride=4, block_size=64, causal_offset=causal_offset, block_visible=block_visible)
 
 
+@pytest.mark.parametrize("causal_offset", [None, 0, 37])
+@pytest.mark.parametrize("masked", [False, True])
+def test_row_max_grows_across_key_tiles(causal_offset, masked):
+    """Logits that rise along the keys move every row's running max at each of
+    several unmasked key tiles (275 reduced columns, 64-wide tiles here), so
+    the block masses parked earlier must be rescaled; rows past the query end
+    share the last program with real rows."""
+    q, k = _inputs(1, 2, 1, 1050, 1100, 16, seed=3)
+    k = k * torch.linspace(0.2, 3.0, k.shape[2], device=_DEVICE)[:, None]
+    block_visible = _random_blocks((1, 2, 17, 18), seed=1, density=0.8) if masked else None
+    _assert_matches_reference(q, k, stride=4, block_size=64, causal_offset=causal_offset, block_visible=block_visible)
+
+
 def test_rows_that_see_nothing_score_zero():
     q, k = _inputs(1, 2, 1, 256, 256, 16)
     block_visible = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=_DEVICE)
