@@ -35,7 +35,7 @@ def _mass_case(draw):
     batch, hkv, groups = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2]))
     q_len, kv_len = draw(st.integers(1, 200)), draw(st.integers(1, 200))
     block_size = draw(st.sampled_from([32, 64]))
-    kind = draw(st.sampled_from(["causal", "none", "bool", "float", "keys"]))
+    kind = draw(st.sampled_from(["causal", "none", "bool", "float", "keys", "2d"]))
     return batch, hkv, groups, q_len, kv_len, block_size, kind, draw(st.integers(0, 2**31 - 1))
 
 
@@ -56,6 +56,8 @@ def test_sampled_block_mass_matches_full_softmax(case):
         mask = bias.masked_fill(torch.rand(1, hq, q_len, kv_len, generator=gen) < 0.2, float("-inf"))
     elif kind == "keys":
         mask = torch.rand(batch, 1, 1, kv_len, generator=gen) < 0.8
+    elif kind == "2d":  # (Lq, Lk): broadcast over batch and heads
+        mask = torch.rand(q_len, kv_len, generator=gen) < 0.7
     q_blocks = sample_query_blocks(math.ceil(q_len / block_size), 3)
     got = sampled_block_mass(q, k, None if kind == "causal" else mask, kind == "causal", 0.3, block_size, q_blocks)
     want = _reference_block_mass(q, k, mask, 0.3, block_size, q_blocks)

@@ -129,20 +129,29 @@ def sampled_block_mass(
     """
     B, Hq, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
+    group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     n_k = math.ceil(Lk / block_size)
-    keys = key.float()[:, :, None]  # (B, Hkv, 1, Lk, D): query heads grouped over their KV head
+    if attn_mask is not None:
+        attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # SDPA broadcasts masks from the right
     out = torch.zeros(B, Hq, len(q_blocks), n_k, device=query.device)
-    for column, block in enumerate(q_blocks):
-        lo, hi = block * block_size, min(Lq, (block + 1) * block_size)
-        rows = query[:, :, lo:hi].float().view(B, Hkv, Hq // Hkv, hi - lo, D)
-        logits = (rows @ keys.transpose(-1, -2)).view(B, Hq, hi - lo, Lk) * scale
-        if is_causal:
-            logits = logits.masked_fill(torch.arange(Lk, device=query.device) > torch.arange(lo, hi, device=query.device)[:, None], float("-inf"))
-        elif attn_mask is not None:
-            mask = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., lo:hi, :]
-            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-        probs = torch.softmax(logits, -1).nan_to_num(0.0)  # rows that see no key: all zero
-        padded = torch.nn.functional.pad(probs, (0, n_k * block_size - Lk))
-        out[:, :, column] = padded.view(B, Hq, hi - lo, n_k, block_size).sum((2, 4)) / (hi - lo)
+    # One KV head and its query heads at a time: the fp32 logits held at once
+    # are (B, Hq/Hkv, Bs, Lk), 256 MiB at 128K tokens with 4 heads per group.
+    for kv_head in range(Hkv):
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        keys_t = key[:, kv_head, None].float().transpose(-1, -2)  # (B, 1, D, Lk)
+        mask_heads = heads if attn_mask is not None and attn_mask.shape[1] > 1 else slice(None)
+        for column, block in enumerate(q_blocks):
+            lo, hi = block * block_size, min(Lq, (block + 1) * block_size)
+            logits = (query[:, heads, lo:hi].float() @ keys_t) * scale
+            if is_causal:
+                hidden = torch.arange(Lk, device=query.device) > torch.arange(lo, hi, device=query.device)[:, None]
+                logits = logits.masked_fill(hidden, float("-inf"))
+            elif attn_mask is not None:
+                mask = attn_mask[:, mask_heads]
+                mask = mask if mask.shape[-2] == 1 else mask[..., lo:hi, :]
+                logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+            probs = torch.softmax(logits, -1).nan_to_num(0.0)  # rows that see no key: all zero
+            padded = torch.nn.functional.pad(probs, (0, n_k * block_size - Lk))
+            out[:, heads, column] = padded.view(B, group, hi - lo, n_k, block_size).sum((2, 4)) / (hi - lo)
     return out
