@@ -93,17 +93,24 @@ def _reduced_logits(
     ``u*S``; ``q_row_last``/``k_row_first`` are those row indices."""
     D_CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
+    # Tile pointers and row bounds are fixed here; each step only adds a scalar
+    # offset and compares the scalar r. Rebuilding them per step costs ~10% (the
+    # reduction loop is bound by instruction issue; bench/RESULTS.md).
+    q_ptrs = q_rows + offs_k[None, :] * stride_qd
+    k_ptrs = k_cols + offs_k[:, None] * stride_kd
+    q_lo = (q_row_last - q_len + 1)[:, None]  # query row t has sub-row r iff r >= q_lo[t]
+    k_hi = (k_len - k_row_first)[None, :]  # key row u has sub-row r iff r < k_hi[u]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for step in range(STRIDE * D_CHUNKS):
         r = step // D_CHUNKS
-        d = (step % D_CHUNKS) * BLOCK_K + offs_k
-        q_mask = (q_row_last - r < q_len)[:, None]
-        k_mask = (k_row_first + r < k_len)[None, :]
+        d0 = (step % D_CHUNKS) * BLOCK_K
+        q_mask = q_lo <= r
+        k_mask = k_hi > r
         if HEAD_DIM % BLOCK_K != 0:
-            q_mask = q_mask & (d < HEAD_DIM)[None, :]
-            k_mask = k_mask & (d < HEAD_DIM)[:, None]
-        q_tile = tl.load(q_rows - r * stride_ql + d[None, :] * stride_qd, mask=q_mask, other=0.0)
-        k_tile = tl.load(k_cols + r * stride_kl + d[:, None] * stride_kd, mask=k_mask, other=0.0)
+            q_mask = q_mask & (d0 + offs_k < HEAD_DIM)[None, :]
+            k_mask = k_mask & (d0 + offs_k < HEAD_DIM)[:, None]
+        q_tile = tl.load(q_ptrs + (d0 * stride_qd - r * stride_ql), mask=q_mask, other=0.0)
+        k_tile = tl.load(k_ptrs + (d0 * stride_kd + r * stride_kl), mask=k_mask, other=0.0)
         acc = tl.dot(q_tile, k_tile, acc, input_precision=DOT_PRECISION)
     return acc
 
