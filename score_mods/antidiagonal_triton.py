@@ -29,10 +29,10 @@ _SCRATCH_BYTES = 256 * 2**20
 
 # Tiles are counted in reduced rows (S tokens each): BLOCK_M query tiles by
 # BLOCK_N key tiles, the S*D reduction walked BLOCK_K columns per step.
-# Every (query tile, key tile) pair re-reads both S*D-wide tiles from L2, and
-# that traffic, not the tensor cores, sets the speed on an H100: 128x256 is the
-# largest tile whose fp32 accumulator fits the registers, hence the fastest
-# (bench/RESULTS.md, "Why the rest is out of reach").
+# 128x256 is the largest tile whose fp32 accumulator fits the registers and
+# the fastest on an H100/H200; what the kernel loses to a plain GEMM of the
+# same shape is the per-tile softmax, during which the tensor cores idle
+# (bench/RESULTS.md, session 4).
 # FLATTEN pipelines the key-tile and reduction loops as one loop, so loads for
 # the next key tile overlap the softmax of this one: within 5% either way on an
 # H100 (it depends on S and L), hence a tuning choice.
@@ -93,9 +93,9 @@ def _reduced_logits(
     ``u*S``; ``q_row_last``/``k_row_first`` are those row indices."""
     D_CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
-    # Tile pointers and row bounds are fixed here; each step only adds a scalar
-    # offset and compares the scalar r. Rebuilding them per step costs ~10% (the
-    # reduction loop is bound by instruction issue; bench/RESULTS.md).
+    # Tile pointers and row bounds are built once; a step adds a scalar offset
+    # and compares the scalar r. Rebuilding them every step put ~150
+    # instructions between the HGMMAs and cost ~10% (bench/RESULTS.md).
     q_ptrs = q_rows + offs_k[None, :] * stride_qd
     k_ptrs = k_cols + offs_k[:, None] * stride_kd
     q_lo = (q_row_last - q_len + 1)[:, None]  # query row t has sub-row r iff r >= q_lo[t]
