@@ -1,0 +1,153 @@
+"""The Triton scorer's machine code, without a GPU: compiles
+``_antidiagonal_scores_kernel`` for Hopper (sm_90a) on any machine with Triton
+installed (its wheel carries ptxas and cuobjdump) and reports registers,
+spills, shared memory and, for each loop that issues HGMMAs, how many
+instructions one reduction step costs. This is how session 4 found the
+per-step address arithmetic (bench/RESULTS.md): iterate here, then time on the
+GPU.
+
+The kernel is specialised as Triton's launcher would specialise it for one
+real call (ints equal to 1 become constants, multiples of 16 are marked so):
+the call is captured from ``antidiagonal_block_scores_triton`` on meta
+tensors, nothing is allocated.
+
+    python bench/sass_report.py --length 131072 --stride 8 --config 2 --sass out.sass
+
+Triton's compiler here may differ from the GPU machine's: compare variants
+with one compiler, and time the one you keep. A flattened config's single
+loop holds the softmax too, so its "per step" is per key tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tune_scoring import describe  # noqa: E402
+
+_HEAD_DIM = 128
+_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.bool: "*i1"}
+
+
+@contextlib.contextmanager
+def _captured_launch(kernel):
+    """Replaces the autotuned kernel's launch with one that records its
+    arguments; yields the list they land in."""
+    calls, run = [], kernel.run
+    kernel.run = lambda *args, grid, warmup, **kwargs: calls.append((args, kwargs))
+    interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the wrapper take non-CUDA (meta) tensors
+    try:
+        yield calls
+    finally:
+        kernel.run = run
+        if interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
+def compile_for_hopper(length: int, stride: int, causal: bool, config_index: int, heads: int, kv_heads: int):
+    """``(CompiledKernel, config)`` for the scorer's first launch on a
+    ``(1, heads, length, 128)`` bf16 call, compiled for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from xflex.score_mods.antidiagonal_triton import _CONFIGS, _antidiagonal_scores_kernel, antidiagonal_block_scores_triton
+
+    q = torch.empty(1, heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, kv_heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
+    with _captured_launch(_antidiagonal_scores_kernel) as calls:
+        antidiagonal_block_scores_triton(q, k, stride=stride, block_size=128, causal_offset=0 if causal else None)
+    args, constexprs = calls[0]
+    config = _CONFIGS[config_index]
+    constexprs = {**constexprs, **config.kwargs}
+    fn = _antidiagonal_scores_kernel.fn
+    signature, attrs = {}, {}
+    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # allocations are 16-byte aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
+        attrs=attrs,
+    )
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options), config
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def hgmma_loops(sass: str) -> list[tuple[int, int]]:
+    """``(instructions, HGMMA groups)`` of each innermost loop that issues
+    HGMMAs (a loop: a branch back to a lower address; a group: the HGMMAs one
+    ``gsb0`` commits, one reduction step)."""
+    code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for end, text in code:
+        target = re.search(r"BRA (?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
+        if target and target[1] and int(target[1], 16) < end:
+            body = [t for a, t in code if int(target[1], 16) <= a <= end]
+            groups = sum("HGMMA" in t and "gsb0" in t for t in body)
+            if groups:
+                loops.append((int(target[1], 16), end, len(body), groups))
+    innermost = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    return [(size, groups) for _, _, size, groups in innermost]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=131072)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--non-causal", action="store_true")
+    parser.add_argument("--config", type=int, default=2, help="index into _CONFIGS (default 2: 128x256 w8 s3)")
+    parser.add_argument("--sass", metavar="FILE", help="also write the disassembly here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("sass_report.py compiles kernels: run it without TRITON_INTERPRET=1")
+    kernel, config = compile_for_hopper(
+        args.length, args.stride, not args.non_causal, args.config, args.heads, args.kv_heads or args.heads
+    )
+    sass = _cuobjdump(kernel.asm["cubin"], "-sass")
+    if args.sass:
+        with open(args.sass, "w") as f:
+            f.write(sass)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", _cuobjdump(kernel.asm["cubin"], "-res-usage"))
+    print(f"{describe(config)}; S={args.stride}, L={args.length}, {'non-causal' if args.non_causal else 'causal'}")
+    print(f"registers {usage[1]}, stack {usage[2]} B, local (spills) {usage[3]} B, shared {kernel.metadata.shared} B")
+    for size, groups in hgmma_loops(sass):
+        print(f"HGMMA loop: {size} instructions, {groups} reduction steps, {size / groups:.0f} per step")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
