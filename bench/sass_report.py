@@ -113,8 +113,8 @@ def hgmma_loops(sass: str) -> list[tuple[int, int]]:
     code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for end, text in code:
-        target = re.search(r"BRA (?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
-        if target and target[1] and int(target[1], 16) < end:
+        target = re.search(r"BRA 0x([0-9a-f]+)", text)
+        if target and int(target[1], 16) < end:
             body = [t for a, t in code if int(target[1], 16) <= a <= end]
             groups = sum("HGMMA" in t and "gsb0" in t for t in body)
             if groups:

@@ -94,8 +94,8 @@ def _reduced_logits(
     D_CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
     # Tile pointers and row bounds are built once; a step adds a scalar offset
-    # and compares the scalar r. Rebuilding them every step put ~150
-    # instructions between the HGMMAs and cost ~10% (bench/RESULTS.md).
+    # and compares the scalar r. Rebuilding them every step cost 160
+    # instructions per step (now 136) and ~10% of the time (bench/RESULTS.md).
     q_ptrs = q_rows + offs_k[None, :] * stride_qd
     k_ptrs = k_cols + offs_k[:, None] * stride_kd
     q_lo = (q_row_last - q_len + 1)[:, None]  # query row t has sub-row r iff r >= q_lo[t]
