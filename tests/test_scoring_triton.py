@@ -121,6 +121,16 @@ def test_head_dims(head_dim):
     _assert_matches_reference(q, k, stride=8, block_size=64)
 
 
+@pytest.mark.parametrize("head_dim", [16, 40])
+@pytest.mark.parametrize("causal_offset", [None, 0, 7])
+def test_whole_row_programs_load_without_masks(head_dim, causal_offset):
+    """The interpreter's 64x64 tiles at S=4: two programs of whole query rows
+    (plain loads over the key tiles of whole key rows) and a ragged last one;
+    the last key tile (127) is ragged too."""
+    q, k = _inputs(1, 2, 1, 2 * 64 * 4 + 3, 2 * 64 * 4 - 1, head_dim)
+    _assert_matches_reference(q, k, stride=4, block_size=64, causal_offset=causal_offset)
+
+
 @pytest.mark.parametrize("causal_offset", [None, 0])
 @pytest.mark.parametrize("mask_dims", [(2, 4), (1, 4), (2, 1), (1, 1)])
 def test_block_visible_broadcasts(mask_dims, causal_offset):
