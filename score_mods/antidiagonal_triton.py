@@ -86,13 +86,11 @@ def _reduced_logits(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    ROW_MASK: tl.constexpr,
 ):
     """``[BLOCK_M, BLOCK_N]`` fp32 antidiagonal sums: reduction column ``r*D + d``
     pairs query row ``t*S + S-1-r`` with key row ``u*S + r``; rows past the
     sequence read as zero. ``q_rows``/``k_cols`` point at rows ``t*S + S-1`` and
-    ``u*S``; ``q_row_last``/``k_row_first`` are those row indices. Without
-    ``ROW_MASK`` the caller guarantees every row is inside its sequence."""
+    ``u*S``; ``q_row_last``/``k_row_first`` are those row indices."""
     D_CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
     # Tile pointers and row bounds are built once; a step adds a scalar offset
@@ -106,12 +104,8 @@ def _reduced_logits(
     for step in range(STRIDE * D_CHUNKS):
         r = step // D_CHUNKS
         d0 = (step % D_CHUNKS) * BLOCK_K
-        if ROW_MASK:
-            q_mask = q_lo <= r
-            k_mask = k_hi > r
-        else:  # all-true masks fold away: plain loads
-            q_mask = tl.full([BLOCK_M, 1], True, tl.int1)
-            k_mask = tl.full([1, BLOCK_N], True, tl.int1)
+        q_mask = q_lo <= r
+        k_mask = k_hi > r
         if HEAD_DIM % BLOCK_K != 0:
             q_mask = q_mask & (d0 + offs_k < HEAD_DIM)[None, :]
             k_mask = k_mask & (d0 + offs_k < HEAD_DIM)[:, None]
@@ -145,7 +139,6 @@ def _online_softmax_tile(
     HEAD_DIM: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     MASKED: tl.constexpr,
-    ROW_MASK: tl.constexpr,
     HAS_CAUSAL: tl.constexpr,
     HAS_BLOCK_VISIBLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -195,7 +188,6 @@ def _online_softmax_tile(
             BLOCK_N,
             BLOCK_K,
             DOT_PRECISION,
-            ROW_MASK,
         )
         x = logits * qk_scale
         if MASKED:
@@ -297,13 +289,10 @@ def _antidiagonal_scores_kernel(
     offs_kb = tl.arange(0, K_BLOCKS)
 
     # Key tiles [0, unmasked_end) are visible to every row of the program (rows
-    # past the sequence are dropped at the end) and hold S whole key rows each;
-    # [unmasked_end, k_tile_end) cross the causal diagonal or the end of the keys
-    # and take the element mask. Programs whose query rows are all whole (all but
-    # the last) also drop the load masks there: 136 -> 46 (S=8) and 88 (S=16)
-    # instructions per reduction step (bench/sass_report.py).
+    # past the sequence are dropped at the end); [unmasked_end, k_tile_end) cross
+    # the causal diagonal or the last key tile and take the element mask.
     k_tile_end = n_k_tiles
-    unmasked_end = k_len // STRIDE // BLOCK_N * BLOCK_N
+    unmasked_end = n_k_tiles // BLOCK_N * BLOCK_N
     if HAS_CAUSAL:
         last_t = tl.minimum(t_first + BLOCK_M, n_q_tiles) - 1
         k_tile_end = tl.minimum(k_tile_end, last_t + diag_shift + 1)  # later tiles never load
@@ -311,28 +300,19 @@ def _antidiagonal_scores_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(x - m_i)
-    if (t_first + BLOCK_M) * STRIDE <= q_len:
-        for u0 in tl.range(0, unmasked_end, BLOCK_N, flatten=FLATTEN):
-            m_i, l_i = _online_softmax_tile(
-                q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
-                stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
-                MASKED=False, ROW_MASK=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE,
-                DOT_PRECISION=DOT_PRECISION, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            )  # fmt: skip
-    else:
-        for u0 in range(0, unmasked_end, BLOCK_N):
-            m_i, l_i = _online_softmax_tile(
-                q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
-                stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
-                MASKED=False, ROW_MASK=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE,
-                DOT_PRECISION=DOT_PRECISION, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            )  # fmt: skip
+    for u0 in tl.range(0, unmasked_end, BLOCK_N, flatten=FLATTEN):
+        m_i, l_i = _online_softmax_tile(
+            q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
+            stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
+            MASKED=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )  # fmt: skip
     for u0 in range(unmasked_end, k_tile_end, BLOCK_N):
         m_i, l_i = _online_softmax_tile(
             q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
             stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
-            MASKED=True, ROW_MASK=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE,
-            DOT_PRECISION=DOT_PRECISION, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            MASKED=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
     # Normalise each row's block masses and sum them over the rows of each query

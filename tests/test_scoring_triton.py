@@ -123,10 +123,9 @@ def test_head_dims(head_dim):
 
 @pytest.mark.parametrize("head_dim", [16, 40])
 @pytest.mark.parametrize("causal_offset", [None, 0, 7])
-def test_whole_row_programs_load_without_masks(head_dim, causal_offset):
+def test_whole_programs_then_ragged_ones(head_dim, causal_offset):
     """The interpreter's 64x64 tiles at S=4: two programs of whole query rows
-    (plain loads over the key tiles of whole key rows) and a ragged last one;
-    the last key tile (127) is ragged too."""
+    and a ragged last one; the last key tile (reduced row 127) is ragged."""
     q, k = _inputs(1, 2, 1, 2 * 64 * 4 + 3, 2 * 64 * 4 - 1, head_dim)
     _assert_matches_reference(q, k, stride=4, block_size=64, causal_offset=causal_offset)
 
