@@ -108,6 +108,13 @@ def test_most_tiles_per_block():
     _assert_matches_reference(q, k, stride=2, block_size=256, causal_offset=0)
 
 
+@pytest.mark.parametrize("causal_offset", [None, 0])
+def test_many_key_blocks(causal_offset):
+    """150 key blocks: the normalisation pass takes several steps."""
+    q, k = _inputs(1, 2, 1, 300, 600, 16)
+    _assert_matches_reference(q, k, stride=4, block_size=4, causal_offset=causal_offset)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_gqa_and_batch(groups):
     q, k = _inputs(2, 2 * groups, 2, 250, 250, 16, seed=groups)
