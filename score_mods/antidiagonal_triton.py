@@ -10,7 +10,6 @@ keeps an online softmax per row.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 
@@ -260,7 +259,6 @@ def _antidiagonal_scores_kernel(
     group_size,
     q_len,
     k_len,
-    head_start,
     tile_start,
     diag_shift,
     qk_scale,
@@ -290,7 +288,7 @@ def _antidiagonal_scores_kernel(
 
     # Heaviest (causal: last) query rows first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = head_start + tl.program_id(1)  # (batch, head) pair; program_id(1): its scratch slot
+    pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     n_q_tiles = tl.cdiv(q_len, STRIDE)
@@ -305,7 +303,7 @@ def _antidiagonal_scores_kernel(
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_row_last.to(tl.int64)[:, None] * stride_ql
     k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group_size).to(tl.int64) * stride_kh
     visible_rows = visible_ptr + b * stride_vb + h * stride_vh
-    scratch_rows = scratch_ptr + tl.program_id(1).to(tl.int64) * stride_sh + local_t[:, None] * stride_sr
+    scratch_rows = scratch_ptr + pid_bh.to(tl.int64) * stride_sh + local_t[:, None] * stride_sr
 
     # Key tiles [0, unmasked_end) are visible to every row of the program (rows
     # past the sequence are dropped at the end); [unmasked_end, k_tile_end) cross
@@ -444,19 +442,15 @@ def antidiagonal_block_scores_triton(
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
-    # Launches whose scratch fits the budget: whole heads where one fits (each
-    # launch then runs its heads' heavy rows first and light ones last), else
-    # query chunks (multiples of the largest BLOCK_M) of one head. Whole heads
-    # were ~2% faster than query chunks of all heads at 64K-128K on the H200.
-    per_row = n_k_blocks * 4
+    # Query chunks (multiples of the largest BLOCK_M) whose scratch fits the budget.
+    per_row = B * Hq * n_k_blocks * 4
     rows = max(1, _SCRATCH_BYTES // (per_row * _MAX_BLOCK_M)) * _MAX_BLOCK_M
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
-    heads = min(B * Hq, max(1, _SCRATCH_BYTES // (per_row * rows)))
-    scratch = torch.empty((heads, rows, n_k_blocks), dtype=torch.float32, device=q.device)
+    scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
-    for head_start, tile_start in itertools.product(range(0, B * Hq, heads), range(0, n_q_tiles, rows)):
-        chunk, n_heads = min(rows, n_q_tiles - tile_start), min(heads, B * Hq - head_start)
-        _antidiagonal_scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), n_heads)](
+    for tile_start in range(0, n_q_tiles, rows):
+        chunk = min(rows, n_q_tiles - tile_start)
+        _antidiagonal_scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
             q,
             k,
             visible,
@@ -472,7 +466,6 @@ def antidiagonal_block_scores_triton(
             Hq // Hkv,
             Lq,
             Lk,
-            head_start,
             tile_start,
             0 if causal_offset is None else (S - 1 + causal_offset) // S,
             scale / S * _LOG2E,
