@@ -71,9 +71,9 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _log2(x, FAST: tl.constexpr):
-    # tl.log2 is the exact libdevice polynomial (~15 instructions, half the
-    # softmax's instructions); lg2.approx is one MUFU op, 2^-22 accurate. The
-    # interpreter has only tl.log2.
+    # tl.log2 is libdevice's exact polynomial, ~15 instructions a value: a
+    # quarter of the per-tile softmax (bench/sass_report.py). lg2.approx is one
+    # MUFU op, accurate to 2^-22. The interpreter has only tl.log2.
     if FAST:
         return libdevice.fast_log2f(x)
     else:
@@ -339,7 +339,7 @@ def _antidiagonal_scores_kernel(
     q_block = t_first // TILES_PER_BLOCK + tl.arange(0, Q_BLOCKS)
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_block[:, None] * stride_oq
     # Steps wider than a key tile's blocks: each step waits on memory once
-    # (32 per step: 1-3% faster than 16 at 64K-128K on the H200, 64 no better).
+    # (32 per step: 0-3% faster than 16 at 64K-128K on the H200, 64 no better).
     kb_end = tl.minimum(tl.cdiv(k_tile_end, BLOCK_N) * K_BLOCKS, n_k_blocks)  # blocks the loop above wrote
     tl.debug_barrier()  # the scratch written above is read back in another thread layout
     for kb0 in range(0, kb_end, NORM_BLOCKS):
