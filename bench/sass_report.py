@@ -1,8 +1,9 @@
 """The Triton scorer's machine code, without a GPU: compiles
 ``_antidiagonal_scores_kernel`` for Hopper (sm_90a) on any machine with Triton
 installed (its wheel carries ptxas and cuobjdump) and reports registers,
-spills, shared memory and, for each loop that issues HGMMAs, how many
-instructions one reduction step costs. This is how session 4 found the
+spills, shared memory, how many instructions one reduction step costs (each
+loop that issues HGMMAs) and how many one key tile's softmax costs (the loops
+around them; the first is the unmasked tiles', the second the masked ones'). This is how session 4 found the
 per-step address arithmetic (bench/RESULTS.md): iterate here, then time on the
 GPU.
 
@@ -106,21 +107,43 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def hgmma_loops(sass: str) -> list[tuple[int, int]]:
-    """``(instructions, HGMMA groups)`` of each innermost loop that issues
-    HGMMAs (a loop: a branch back to a lower address; a group: the HGMMAs one
-    ``gsb0`` commits, one reduction step)."""
+def _loops(sass: str) -> list[tuple[int, int, list[tuple[int, str]]]]:
+    """``(first, last, body)`` of each loop (a branch back to a lower
+    address); the body as ``(address, instruction)``."""
     code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
     for end, text in code:
         target = re.search(r"BRA 0x([0-9a-f]+)", text)
         if target and int(target[1], 16) < end:
-            body = [t for a, t in code if int(target[1], 16) <= a <= end]
-            groups = sum("HGMMA" in t and "gsb0" in t for t in body)
-            if groups:
-                loops.append((int(target[1], 16), end, len(body), groups))
+            start = int(target[1], 16)
+            loops.append((start, end, [(a, t) for a, t in code if start <= a <= end]))
+    return loops
+
+
+def _hgmma_groups(body: list[tuple[int, str]]) -> int:
+    """HGMMA groups (the HGMMAs one ``gsb0`` commits: one reduction step)."""
+    return sum("HGMMA" in t and "gsb0" in t for _, t in body)
+
+
+def hgmma_loops(sass: str) -> list[tuple[int, int]]:
+    """``(instructions, HGMMA groups)`` of each innermost loop that issues
+    HGMMAs: the reduction loops."""
+    loops = [lp for lp in _loops(sass) if _hgmma_groups(lp[2])]
     innermost = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-    return [(size, groups) for _, _, size, groups in innermost]
+    return [(len(body), _hgmma_groups(body)) for _, _, body in innermost]
+
+
+def tile_loops(sass: str) -> list[tuple[int, int]]:
+    """``(instructions, MUFU ops)`` outside the inner loops of each loop that
+    encloses a reduction loop: one key tile's softmax and loop overhead."""
+    loops = _loops(sass)
+    result = []
+    for start, end, body in loops:
+        inner = [(a, b) for a, b, _ in loops if start <= a and b <= end and (a, b) != (start, end)]
+        if inner and _hgmma_groups(body):
+            own = [t for addr, t in body if not any(a <= addr <= b for a, b in inner)]
+            result.append((len(own), sum(t.lstrip("@!P0123456789 ").startswith("MUFU") for t in own)))
+    return result
 
 
 def main(argv=None) -> None:
@@ -147,6 +170,8 @@ def main(argv=None) -> None:
     print(f"registers {usage[1]}, stack {usage[2]} B, local (spills) {usage[3]} B, shared {kernel.metadata.shared} B")
     for size, groups in hgmma_loops(sass):
         print(f"HGMMA loop: {size} instructions, {groups} reduction steps, {size / groups:.0f} per step")
+    for size, mufu in tile_loops(sass):
+        print(f"key-tile loop: {size} instructions outside the reduction loop, {mufu} of them MUFU")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,16 @@ def test_innermost_hgmma_loops_and_their_steps():
     assert sass_report.hgmma_loops(_SASS) == [(4, 1), (3, 2)]
 
 
+def test_key_tile_loop_outside_its_reduction_loop():
+    # 0x50-0xa0 encloses 0x60-0x80: IADD3, MUFU and the branch are its own.
+    assert sass_report.tile_loops(_SASS) == [(3, 1)]
+
+
 def test_scorer_compiles_to_hopper_wgmma():
     # A fresh process: this suite runs Triton's interpreter, which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = ["--length", "8200", "--heads", "4", "--kv-heads", "2"]
     report = subprocess.run([sys.executable, str(_SCRIPT), *args], env=env, capture_output=True, text=True, check=True)
     assert "HGMMA loop:" in report.stdout, "the reduction loop should issue HGMMA (wgmma), not HMMA"
+    assert "key-tile loop:" in report.stdout
     assert "registers" in report.stdout
