@@ -1,11 +1,11 @@
 """The Triton scorer's machine code, without a GPU: compiles
 ``_antidiagonal_scores_kernel`` for Hopper (sm_90a) on any machine with Triton
 installed (its wheel carries ptxas and cuobjdump) and reports registers,
-spills, shared memory, how many instructions one reduction step costs (each
-loop that issues HGMMAs) and how many one key tile's softmax costs (the loops
-around them; the first is the unmasked tiles', the second the masked ones'). This is how session 4 found the
-per-step address arithmetic (bench/RESULTS.md): iterate here, then time on the
-GPU.
+spills, shared memory, the instructions of one reduction step (each loop that
+issues HGMMAs) and of one key tile's softmax (the loops around them: unmasked
+tiles first, then masked ones). Sessions 4 and 5 found the per-step address
+arithmetic and the exact log2 this way (bench/RESULTS.md): iterate here, then
+time on the GPU.
 
 The kernel is specialised as Triton's launcher would specialise it for one
 real call (ints equal to 1 become constants, multiples of 16 are marked so):
