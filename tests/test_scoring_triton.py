@@ -33,7 +33,25 @@ from xflex.selection import forced_blocks, select_blocks  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 
 _DEVICE = torch.device("cuda" if _CUDA else "cpu")
+_KERNEL = antidiagonal_triton._antidiagonal_scores_kernel
+# The config that wins from 16K up (bench/RESULTS.md): on a GPU every test but
+# the per-config one runs only it, so a shape costs one compile, not seven
+# compiles and a timing sweep (that made the GPU class take minutes).
+_PINNED_CONFIG = next(
+    c for c in antidiagonal_triton._CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["FLATTEN"]) == (128, 256, False)
+)
 _RTOL, _ATOL = 1e-5, 1e-6  # fp32 softmax sums: only summation order and exp2/log2 differ
+
+
+def _use_configs(monkeypatch, configs):
+    monkeypatch.setattr(_KERNEL, "configs", configs)
+    monkeypatch.setattr(_KERNEL, "cache", {})  # best config per key, from the old list
+
+
+@pytest.fixture(autouse=True)
+def _pinned_config_on_gpu(monkeypatch):
+    if _CUDA:  # the interpreter already runs one config (the smallest)
+        _use_configs(monkeypatch, [_PINNED_CONFIG])
 
 
 def _inputs(batch, hq, hkv, q_len, kv_len, head_dim, *, seed=0, dtype=torch.float32):
@@ -113,6 +131,22 @@ def test_many_key_blocks(causal_offset):
     """150 key blocks: the normalisation pass takes several steps."""
     q, k = _inputs(1, 2, 1, 300, 600, 16)
     _assert_matches_reference(q, k, stride=4, block_size=4, causal_offset=causal_offset)
+
+
+@pytest.mark.parametrize(
+    "config",
+    antidiagonal_triton._CONFIGS,
+    ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+    + ("flat" if c.kwargs["FLATTEN"] else ""),
+)
+def test_every_config(config, monkeypatch):
+    """Each config the autotuner may pick, on a ragged GQA query chunk (bf16
+    on a GPU; the interpreter's bf16 dot is wrong, so fp32 on the CPU)."""
+    _use_configs(monkeypatch, [config])
+    dtype, tol = (torch.bfloat16, dict(rtol=1e-4, atol=1e-5)) if _CUDA else (torch.float32, {})
+    q, k = _inputs(2, 4, 2, 1000 + 7, 2000 + 29, 64, dtype=dtype)
+    _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=(2000 + 29) - (1000 + 7), **tol)
+    assert _KERNEL.best_config is config
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
