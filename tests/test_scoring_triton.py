@@ -34,11 +34,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 
 _DEVICE = torch.device("cuda" if _CUDA else "cpu")
 _KERNEL = antidiagonal_triton._antidiagonal_scores_kernel
-# The config that wins from 16K up (bench/RESULTS.md): on a GPU every test but
-# the per-config one runs only it, so a shape costs one compile, not seven
-# compiles and a timing sweep (that made the GPU class take minutes).
+# 128x256 unflattened, one of the two configs that win from 16K up
+# (bench/RESULTS.md): on a GPU every test but the per-config one runs only it,
+# so a shape costs one compile, not seven compiles and a timing sweep.
 _PINNED_CONFIG = next(
-    c for c in antidiagonal_triton._CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["FLATTEN"]) == (128, 256, False)
+    c
+    for c in antidiagonal_triton._CONFIGS
+    if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["FLATTEN"]) == (128, 256, False)
 )
 _RTOL, _ATOL = 1e-5, 1e-6  # fp32 softmax sums: only summation order and exp2/log2 differ
 
