@@ -56,9 +56,12 @@ def _captured_launch(kernel):
             os.environ["TRITON_INTERPRET"] = interpret
 
 
-def compile_for_hopper(length: int, stride: int, causal: bool, config_index: int, heads: int, kv_heads: int):
+def compile_for_hopper(
+    length: int, stride: int, causal: bool, config_index: int, heads: int, kv_heads: int, block_mask: bool = False
+):
     """``(CompiledKernel, config)`` for the scorer's first launch on a
-    ``(1, heads, length, 128)`` bf16 call, compiled for sm_90a."""
+    ``(1, heads, length, 128)`` bf16 call (with a ``block_visible`` mask when
+    ``block_mask``), compiled for sm_90a."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -67,8 +70,12 @@ def compile_for_hopper(length: int, stride: int, causal: bool, config_index: int
 
     q = torch.empty(1, heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, kv_heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
+    blocks = -(-length // 128)
+    visible = torch.empty(1, 1, blocks, blocks, dtype=torch.bool, device="meta") if block_mask else None
     with _captured_launch(_antidiagonal_scores_kernel) as calls:
-        antidiagonal_block_scores_triton(q, k, stride=stride, block_size=128, causal_offset=0 if causal else None)
+        antidiagonal_block_scores_triton(
+            q, k, stride=stride, block_size=128, causal_offset=0 if causal else None, block_visible=visible
+        )
     args, constexprs = calls[0]
     config = _CONFIGS[config_index]
     constexprs = {**constexprs, **config.kwargs}
@@ -153,20 +160,23 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=None)
     parser.add_argument("--non-causal", action="store_true")
+    parser.add_argument("--block-mask", action="store_true", help="with a block_visible mask (the video path)")
     parser.add_argument("--config", type=int, default=2, help="index into _CONFIGS (default 2: 128x256 w8 s3)")
     parser.add_argument("--sass", metavar="FILE", help="also write the disassembly here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sass_report.py compiles kernels: run it without TRITON_INTERPRET=1")
     kernel, config = compile_for_hopper(
-        args.length, args.stride, not args.non_causal, args.config, args.heads, args.kv_heads or args.heads
+        args.length, args.stride, not args.non_causal, args.config, args.heads, args.kv_heads or args.heads,
+        args.block_mask,
     )
     sass = _cuobjdump(kernel.asm["cubin"], "-sass")
     if args.sass:
         with open(args.sass, "w") as f:
             f.write(sass)
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", _cuobjdump(kernel.asm["cubin"], "-res-usage"))
-    print(f"{describe(config)}; S={args.stride}, L={args.length}, {'non-causal' if args.non_causal else 'causal'}")
+    mask = ", block mask" if args.block_mask else ""
+    print(f"{describe(config)}; S={args.stride}, L={args.length}, {'non-causal' if args.non_causal else 'causal'}{mask}")
     print(f"registers {usage[1]}, stack {usage[2]} B, local (spills) {usage[3]} B, shared {kernel.metadata.shared} B")
     for size, groups in hgmma_loops(sass):
         print(f"HGMMA loop: {size} instructions, {groups} reduction steps, {size / groups:.0f} per step")

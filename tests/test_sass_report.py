@@ -44,7 +44,7 @@ def test_key_tile_loop_outside_its_reduction_loop():
 def test_scorer_compiles_to_hopper_wgmma():
     # A fresh process: this suite runs Triton's interpreter, which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = ["--length", "8200", "--heads", "4", "--kv-heads", "2"]
+    args = ["--length", "8200", "--heads", "4", "--kv-heads", "2", "--block-mask"]
     report = subprocess.run([sys.executable, str(_SCRIPT), *args], env=env, capture_output=True, text=True, check=True)
     assert "HGMMA loop:" in report.stdout, "the reduction loop should issue HGMMA (wgmma), not HMMA"
     assert "key-tile loop:" in report.stdout
