@@ -32,7 +32,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tune_scoring import describe  # noqa: E402
+from scoring import describe  # noqa: E402
 
 _HEAD_DIM = 128
 _TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.bool: "*i1"}

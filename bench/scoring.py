@@ -124,12 +124,16 @@ def _tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def describe(config) -> str:
+    """A scorer config in a table cell, e.g. ``128x256 w8 s3 flat``."""
+    flat = " flat" if config.kwargs["FLATTEN"] else ""
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flat}"
+
+
 def _best_config() -> str:
     from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel
 
-    c = _antidiagonal_scores_kernel.best_config
-    flat = " flat" if c.kwargs.get("FLATTEN") else ""
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{flat}"
+    return describe(_antidiagonal_scores_kernel.best_config)
 
 
 def run_case(length, kinds, heads, kv_heads, head_dim=128):

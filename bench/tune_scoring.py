@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scoring import dense_attention, score, time_ms  # noqa: E402
+from scoring import dense_attention, describe, score, time_ms  # noqa: E402
 from synthetic import llm_like_inputs  # noqa: E402
 
 
@@ -30,11 +30,6 @@ def _candidates():
 
     extra = [config(128, 256, 8, 4), config(128, 256, 8, 2), config(64, 256, 4, 3), config(128, 128, 4, 3)]
     return list(_CONFIGS) + extra
-
-
-def describe(config) -> str:
-    flat = " flat" if config.kwargs["FLATTEN"] else ""
-    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flat}"
 
 
 def sweep(length: int, stride: int) -> list[tuple[float, str, float]]:

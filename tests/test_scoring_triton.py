@@ -135,12 +135,7 @@ def test_many_key_blocks(causal_offset):
     _assert_matches_reference(q, k, stride=4, block_size=4, causal_offset=causal_offset)
 
 
-@pytest.mark.parametrize(
-    "config",
-    antidiagonal_triton._CONFIGS,
-    ids=lambda c: f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
-    + ("flat" if c.kwargs["FLATTEN"] else ""),
-)
+@pytest.mark.parametrize("config", antidiagonal_triton._CONFIGS, ids=str)
 def test_every_config(config, monkeypatch):
     """Each config the autotuner may pick, on a ragged GQA query chunk (bf16
     on a GPU; the interpreter's bf16 dot is wrong, so fp32 on the CPU)."""
