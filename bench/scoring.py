@@ -162,7 +162,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
             differing = (blocks.selected != reference_blocks.selected).sum().item()
             density = blocks.selected.sum().item() / (visible.sum().item() * heads)
             ref_ms = time_ms(lambda: reference_score(q, k, stride)) if length <= _REFERENCE_MAX_LEN else None
-            del scores, blocks, reference_blocks
+            scores = blocks = reference_blocks = None  # freed for the memory probe (lambdas above use them)
             mib = peak_extra_mib(lambda: select(score(q, k, stride), q, k))
             rows.append(
                 dict(
@@ -182,7 +182,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
                 )
             )
             print(" | ".join(str(x) for x in rows[-1].values()), flush=True)
-        del q, k, v
+        q = k = v = None
         torch.cuda.empty_cache()
     return rows
 
