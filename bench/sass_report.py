@@ -66,13 +66,18 @@ def compile_for_hopper(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from xflex.score_mods.antidiagonal_triton import _CONFIGS, _antidiagonal_scores_kernel, antidiagonal_block_scores_triton
+    from xflex.score_mods.antidiagonal_triton import (
+        _CONFIGS,
+        _antidiagonal_scores_kernel,
+        _normalise_kernel,
+        antidiagonal_block_scores_triton,
+    )
 
     q = torch.empty(1, heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, kv_heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
     blocks = -(-length // 128)
     visible = torch.empty(1, 1, blocks, blocks, dtype=torch.bool, device="meta") if block_mask else None
-    with _captured_launch(_antidiagonal_scores_kernel) as calls:
+    with _captured_launch(_antidiagonal_scores_kernel) as calls, _captured_launch(_normalise_kernel):
         antidiagonal_block_scores_triton(
             q, k, stride=stride, block_size=128, causal_offset=0 if causal else None, block_visible=visible
         )

@@ -5,7 +5,9 @@ Same math as ``antidiagonal.antidiagonal_block_scores`` (the plain-torch
 reference), computed without ever writing the ``[Lq/S, Lk/S]`` reduced logits:
 each program owns ``BLOCK_M`` reduced query rows (whole query blocks), runs the
 reduced GEMM ``Qs @ Ks^T`` over key tiles straight from strided q and k, and
-keeps an online softmax per row.
+keeps an online softmax per row, parking each key block's log-sum-exp in a
+scratch; a second kernel turns those into block scores once the rows' totals
+are known.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def _antidiagonal_scores_kernel(
     k_ptr,
     visible_ptr,
     scratch_ptr,
-    out_ptr,
+    row_lse_ptr,
     stride_qb,
     stride_qh,
     stride_ql,
@@ -252,9 +254,7 @@ def _antidiagonal_scores_kernel(
     stride_vk,
     stride_sh,
     stride_sr,
-    stride_ob,
-    stride_oh,
-    stride_oq,
+    stride_rh,
     num_heads,
     group_size,
     q_len,
@@ -278,13 +278,10 @@ def _antidiagonal_scores_kernel(
     Reduced row ``t`` sees key tile ``u`` when ``u < ceil(Lk/S)``, ``u <= t +
     diag_shift`` (causal) and the block-level mask allows ``(t//T, u//T)``."""
     # One GEMM pass (online softmax, per-block log-sum-exps parked in scratch and
-    # renormalised at the end) rather than two: the reduced GEMM is the cost.
+    # renormalised by _normalise_kernel) rather than two: the reduced GEMM is the cost.
     tl.static_assert(BLOCK_M % TILES_PER_BLOCK == 0)
     tl.static_assert(BLOCK_N % TILES_PER_BLOCK == 0)
     tl.static_assert(BLOCK_K >= 16)
-    Q_BLOCKS: tl.constexpr = BLOCK_M // TILES_PER_BLOCK
-    K_BLOCKS: tl.constexpr = BLOCK_N // TILES_PER_BLOCK
-    NORM_BLOCKS: tl.constexpr = 32  # key blocks per step of the normalisation pass
 
     # Heaviest (causal: last) query rows first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -293,8 +290,6 @@ def _antidiagonal_scores_kernel(
     h = pid_bh % num_heads
     n_q_tiles = tl.cdiv(q_len, STRIDE)
     n_k_tiles = tl.cdiv(k_len, STRIDE)
-    n_q_blocks = tl.cdiv(n_q_tiles, TILES_PER_BLOCK)
-    n_k_blocks = tl.cdiv(n_k_tiles, TILES_PER_BLOCK)
 
     t_first = tile_start + pid_m * BLOCK_M
     local_t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row within this launch's chunk
@@ -332,19 +327,63 @@ def _antidiagonal_scores_kernel(
             FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
-    # Normalise each row's block masses and sum them over the rows of each query
-    # block; rows past the sequence or seeing no key add nothing (lse = +inf).
+    # Rows past the sequence or seeing no key get lse = +inf: they add nothing.
     sees_any = (t < n_q_tiles) & (l_i > 0)
     row_lse = tl.where(sees_any, m_i + tl.log2(tl.where(sees_any, l_i, 1.0)), float("inf"))
+    tl.store(row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + local_t, row_lse)
+
+
+@triton.jit
+def _normalise_kernel(
+    scratch_ptr,
+    row_lse_ptr,
+    out_ptr,
+    stride_sh,
+    stride_sr,
+    stride_rh,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    num_heads,
+    q_len,
+    k_len,
+    tile_start,
+    diag_shift,
+    STRIDE: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+    HAS_CAUSAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    NORM_BLOCKS: tl.constexpr,
+):
+    """Block scores of ``ROWS`` reduced query rows (whole query blocks) of one
+    (batch, head): the sum over a block's rows of ``exp2(block_lse - row_lse)``.
+    Row ``t`` reads the key blocks up to its causal diagonal, all of which the
+    scoring kernel wrote (its programs end at their last row's diagonal)."""
+    # A kernel of its own, not a tail of the scoring kernel: there it kept each
+    # SM's tensor cores idle while it waited on memory (bench/RESULTS.md, session 6).
+    Q_BLOCKS: tl.constexpr = ROWS // TILES_PER_BLOCK
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    n_k_blocks = tl.cdiv(tl.cdiv(k_len, STRIDE), TILES_PER_BLOCK)
+    n_q_tiles = tl.cdiv(q_len, STRIDE)
+    n_q_blocks = tl.cdiv(n_q_tiles, TILES_PER_BLOCK)
+    t_first = tile_start + tl.program_id(0) * ROWS
+    local_t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row within this launch's chunk
+    t = tile_start + local_t
+    # Key blocks row t reads: none past the sequence (the scoring kernel's last
+    # program may stop short of this one's rows), else up to its diagonal.
+    row_kb_end = tl.where(t < n_q_tiles, n_k_blocks, 0)
+    if HAS_CAUSAL:
+        row_kb_end = tl.minimum(row_kb_end, tl.cdiv(tl.maximum(t + diag_shift + 1, 0), TILES_PER_BLOCK))
+    kb_end = tl.max(row_kb_end)
+    row_lse = tl.load(row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + local_t, mask=t < n_q_tiles, other=float("inf"))
+    scratch_rows = scratch_ptr + pid_bh.to(tl.int64) * stride_sh + local_t[:, None] * stride_sr
     q_block = t_first // TILES_PER_BLOCK + tl.arange(0, Q_BLOCKS)
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_block[:, None] * stride_oq
-    # Steps wider than a key tile's blocks: each step waits on memory once
-    # (32 per step: 0-3% faster than 16 at 64K-128K on the H200, 64 no better).
-    kb_end = tl.minimum(tl.cdiv(k_tile_end, BLOCK_N) * K_BLOCKS, n_k_blocks)  # blocks the loop above wrote
-    tl.debug_barrier()  # the scratch written above is read back in another thread layout
     for kb0 in range(0, kb_end, NORM_BLOCKS):
         kb = kb0 + tl.arange(0, NORM_BLOCKS)
-        block_lse = tl.load(scratch_rows + kb[None, :], mask=(kb < kb_end)[None, :], other=float("-inf"))
+        block_lse = tl.load(scratch_rows + kb[None, :], mask=kb[None, :] < row_kb_end[:, None], other=float("-inf"))
         probs = tl.exp2(block_lse - row_lse[:, None])
         scores = tl.sum(tl.reshape(probs, [Q_BLOCKS, TILES_PER_BLOCK, NORM_BLOCKS]), axis=1)
         tl.store(out_rows + kb[None, :], scores, mask=(q_block < n_q_blocks)[:, None] & (kb < kb_end)[None, :])
@@ -447,7 +486,9 @@ def antidiagonal_block_scores_triton(
     rows = max(1, _SCRATCH_BYTES // (per_row * _MAX_BLOCK_M)) * _MAX_BLOCK_M
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
     scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
+    row_lse = torch.empty((B * Hq, rows), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
+    diag_shift = 0 if causal_offset is None else (S - 1 + causal_offset) // S
     for tile_start in range(0, n_q_tiles, rows):
         chunk = min(rows, n_q_tiles - tile_start)
         _antidiagonal_scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
@@ -455,19 +496,19 @@ def antidiagonal_block_scores_triton(
             k,
             visible,
             scratch,
-            out,
+            row_lse,
             *q.stride(),
             *k.stride(),
             *visible.stride(),
             scratch.stride(0),
             scratch.stride(1),
-            *out.stride()[:3],
+            row_lse.stride(0),
             Hq,
             Hq // Hkv,
             Lq,
             Lk,
             tile_start,
-            0 if causal_offset is None else (S - 1 + causal_offset) // S,
+            diag_shift,
             scale / S * _LOG2E,
             STRIDE=S,
             HEAD_DIM=D,
@@ -477,5 +518,24 @@ def antidiagonal_block_scores_triton(
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             FAST_LOG2=q.device.type != "cpu",  # the interpreter (CPU tensors) lacks libdevice
             BLOCK_K=_block_k(D),
+        )
+        _normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), B * Hq)](
+            scratch,
+            row_lse,
+            out,
+            scratch.stride(0),
+            scratch.stride(1),
+            row_lse.stride(0),
+            *out.stride()[:3],
+            Hq,
+            Lq,
+            Lk,
+            tile_start,
+            diag_shift,
+            STRIDE=S,
+            TILES_PER_BLOCK=tiles,
+            HAS_CAUSAL=causal_offset is not None,
+            ROWS=_MAX_BLOCK_M,  # whole query blocks: a multiple of Bs/S
+            NORM_BLOCKS=32,  # key blocks a step
         )
     return out
