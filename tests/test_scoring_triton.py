@@ -79,7 +79,8 @@ def _assert_matches_reference(q, k, *, rtol=None, atol=None, **kwargs):
     diff = (got - want).abs()
     print(f"max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g}")
     default_rtol, default_atol = _TOLERANCE[q.dtype]
-    torch.testing.assert_close(got, want, rtol=rtol or default_rtol, atol=atol or default_atol)
+    rtol, atol = (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     return got, want
 
 
