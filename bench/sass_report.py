@@ -1,11 +1,13 @@
-"""The Triton scorer's machine code, without a GPU: compiles
-``_antidiagonal_scores_kernel`` for Hopper (sm_90a) on any machine with Triton
-installed (its wheel carries ptxas and cuobjdump) and reports registers,
-spills, shared memory, the instructions of one reduction step (each loop that
-issues HGMMAs) and of one key tile's softmax (the loops around them: unmasked
-tiles first, then masked ones). Sessions 4 and 5 found the per-step address
-arithmetic and the exact log2 this way (bench/RESULTS.md): iterate here, then
-time on the GPU.
+"""The scorers' machine code, without a GPU: compiles the Triton scorer
+(``_antidiagonal_scores_kernel``) or, with ``--kernel gluon``, the Gluon one
+(``antidiagonal_gluon._scores_kernel``) for Hopper (sm_90a) on any machine
+with Triton installed (its wheel carries ptxas and cuobjdump) and reports
+registers, spills, shared memory, the instructions of one reduction step (each
+loop that issues HGMMAs) and of one key tile's softmax (the loops around them:
+unmasked tiles first, then masked ones). Sessions 4 and 5 found the per-step
+address arithmetic and the exact log2 this way (bench/RESULTS.md): iterate
+here, then time on the GPU. The Gluon kernel's partitions set their own
+register budgets (``setmaxnreg``), listed as such.
 
 The kernel is specialised as Triton's launcher would specialise it for one
 real call (ints equal to 1 become constants, multiples of 16 are marked so):
@@ -56,12 +58,44 @@ def _captured_launch(kernel):
             os.environ["TRITON_INTERPRET"] = interpret
 
 
+def _source(fn, args, constexprs, source_class):
+    """``source_class(fn, ...)`` with the signature Triton's launcher would
+    give ``args`` (ints equal to 1 become constants, multiples of 16 are marked)."""
+    from triton.runtime.jit import mangle_type
+
+    constexprs = dict(constexprs)
+    signature, attrs = {}, {}
+    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # allocations are 16-byte aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif not isinstance(value, int):  # a TMA descriptor
+            signature[name] = mangle_type(value)
+        elif value == 1:
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in constexprs})
+    return source_class(fn, signature, {(fn.arg_names.index(n),): v for n, v in constexprs.items()}, attrs)
+
+
 def compile_for_hopper(
-    length: int, stride: int, causal: bool, config_index: int, heads: int, kv_heads: int, block_mask: bool = False
+    length: int,
+    stride: int,
+    causal: bool,
+    config_index: int,
+    heads: int,
+    kv_heads: int,
+    block_mask: bool = False,
+    kernel: str = "triton",
 ):
-    """``(CompiledKernel, config)`` for the scorer's first launch on a
+    """``(CompiledKernel, description)`` for the scorer's first launch on a
     ``(1, heads, length, 128)`` bf16 call (with a ``block_visible`` mask when
-    ``block_mask``), compiled for sm_90a."""
+    ``block_mask``; Triton only), compiled for sm_90a."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -75,6 +109,24 @@ def compile_for_hopper(
 
     q = torch.empty(1, heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, kv_heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
+    target = GPUTarget("cuda", 90, 32)
+    if kernel == "gluon":
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        from xflex.score_mods import antidiagonal_gluon
+
+        rows = -(-length // stride)
+        scratch = torch.empty(heads, rows, -(-length // 128), device="meta")
+        row_lse = torch.empty(heads, 2, rows, device="meta")
+        with _captured_launch(antidiagonal_gluon._scores_kernel) as calls:
+            antidiagonal_gluon.launch(
+                q, k, scratch, row_lse, stride=stride, tiles_per_block=128 // stride, tile_start=0, chunk=rows,
+                diag_shift=0, qk_scale=0.1, causal=causal,
+            )  # fmt: skip
+        args, constexprs = calls[0]
+        options = {key: constexprs.pop(key) for key in ("num_warps", "maxnreg")}
+        source = _source(antidiagonal_gluon._scores_kernel, args, constexprs, GluonASTSource)
+        return triton.compile(source, target=target, options=options), f"gluon {antidiagonal_gluon.CONFIG}"
     blocks = -(-length // 128)
     visible = torch.empty(1, 1, blocks, blocks, dtype=torch.bool, device="meta") if block_mask else None
     with _captured_launch(_antidiagonal_scores_kernel) as calls, _captured_launch(_normalise_kernel):
@@ -83,30 +135,9 @@ def compile_for_hopper(
         )
     args, constexprs = calls[0]
     config = _CONFIGS[config_index]
-    constexprs = {**constexprs, **config.kwargs}
-    fn = _antidiagonal_scores_kernel.fn
-    signature, attrs = {}, {}
-    for i, (name, value) in enumerate(zip(fn.arg_names, args)):
-        if isinstance(value, torch.Tensor):
-            signature[name] = _TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # allocations are 16-byte aligned
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1:
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
-        attrs=attrs,
-    )
+    source = _source(_antidiagonal_scores_kernel.fn, args, {**constexprs, **config.kwargs}, ASTSource)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options), config
+    return triton.compile(source, target=target, options=options), describe(config)
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -167,13 +198,16 @@ def main(argv=None) -> None:
     parser.add_argument("--non-causal", action="store_true")
     parser.add_argument("--block-mask", action="store_true", help="with a block_visible mask (the video path)")
     parser.add_argument("--config", type=int, default=2, help="index into _CONFIGS (default 2: 128x256 w8 s3)")
+    parser.add_argument("--kernel", choices=["triton", "gluon"], default="triton", help="which scorer (default triton)")
     parser.add_argument("--sass", metavar="FILE", help="also write the disassembly here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("sass_report.py compiles kernels: run it without TRITON_INTERPRET=1")
-    kernel, config = compile_for_hopper(
+    if args.kernel == "gluon" and args.block_mask:
+        sys.exit("the Gluon scorer has no block mask (--block-mask is for --kernel triton)")
+    kernel, described = compile_for_hopper(
         args.length, args.stride, not args.non_causal, args.config, args.heads, args.kv_heads or args.heads,
-        args.block_mask,
+        args.block_mask, args.kernel,
     )
     sass = _cuobjdump(kernel.asm["cubin"], "-sass")
     if args.sass:
@@ -181,8 +215,12 @@ def main(argv=None) -> None:
             f.write(sass)
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", _cuobjdump(kernel.asm["cubin"], "-res-usage"))
     mask = ", block mask" if args.block_mask else ""
-    print(f"{describe(config)}; S={args.stride}, L={args.length}, {'non-causal' if args.non_causal else 'causal'}{mask}")
+    print(f"{described}; S={args.stride}, L={args.length}, {'non-causal' if args.non_causal else 'causal'}{mask}")
     print(f"registers {usage[1]}, stack {usage[2]} B, local (spills) {usage[3]} B, shared {kernel.metadata.shared} B")
+    for kind in ("TRY_ALLOC", "DEALLOC"):  # the partitions' register budgets (setmaxnreg)
+        values = sorted({int(n, 16) for n in re.findall(rf"USETMAXREG\.{kind}\S*(?: \S+,)? 0x([0-9a-f]+)", sass)})
+        if values:
+            print(f"setmaxnreg {kind.lower()}: {', '.join(map(str, values))}")
     for size, groups in hgmma_loops(sass):
         print(f"HGMMA loop: {size} instructions, {groups} reduction steps, {size / groups:.0f} per step")
     for size, mufu in tile_loops(sass):

@@ -38,11 +38,11 @@ _WARMUP_MS, _REP_MS = 25, 100
 
 
 
-def score(q, k, stride):
-    """The fused Triton scorer on a causal call."""
+def score(q, k, stride, kernel="auto"):
+    """The fused scorer on a causal call (``kernel``: see ``antidiagonal_block_scores_triton``)."""
     from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton
 
-    return antidiagonal_block_scores_triton(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
+    return antidiagonal_block_scores_triton(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0, kernel=kernel)
 
 
 def reference_score(q, k, stride):
@@ -108,13 +108,13 @@ def peak_extra_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def check_against_reference(kinds, heads, kv_heads) -> None:
+def check_against_reference(kinds, heads, kv_heads, kernel="auto") -> None:
     """Triton scores equal the reference on the same bf16 inputs (only
     summation order differs); raises before any timing otherwise."""
     for kind in kinds:
         q, k, _ = INPUTS[kind](_CHECK_LEN, heads=heads, kv_heads=kv_heads)
         for stride in _STRIDES:
-            got, want = score(q, k, stride), reference_score(q, k, stride)
+            got, want = score(q, k, stride, kernel), reference_score(q, k, stride)
             diff = (got - want).abs()
             print(f"check {kind} L={_CHECK_LEN} S={stride}: max diff {diff.max().item():.3g}, mean {diff.mean().item():.3g}")
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -130,13 +130,19 @@ def describe(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flat}"
 
 
-def _best_config() -> str:
-    from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel
+def _kernel_config(q, k, stride, kernel) -> str:
+    """The scorer that ran, as a table cell: the Gluon kernel's config, or the
+    Triton autotuner's pick."""
+    from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel, scoring_kernel
 
+    if scoring_kernel(q, k, stride=stride, kernel=kernel) == "gluon":
+        from xflex.score_mods.antidiagonal_gluon import CONFIG
+
+        return "gluon " + " ".join(f"{key.lower()}={value}" for key, value in CONFIG.items())
     return describe(_antidiagonal_scores_kernel.best_config)
 
 
-def run_case(length, kinds, heads, kv_heads, head_dim=128):
+def run_case(length, kinds, heads, kv_heads, head_dim=128, kernel="auto"):
     """Table rows for one length: one per (stride, input kind)."""
     from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel
 
@@ -151,8 +157,8 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
             dense_ms = time_ms(dense)
             dense_tflops = _tflops(4 * heads * causal_pairs * head_dim, dense_ms)
         for stride in _STRIDES:
-            scores = score(q, k, stride)  # compiles and autotunes outside the timing
-            score_ms = time_ms(lambda: score(q, k, stride))
+            scores = score(q, k, stride, kernel)  # compiles and autotunes outside the timing
+            score_ms = time_ms(lambda: score(q, k, stride, kernel))
             reduced_pairs = math.ceil(length / stride) * (math.ceil(length / stride) + 1) / 2
             score_tflops = _tflops(2 * heads * reduced_pairs * stride * head_dim, score_ms)
             select_ms = time_ms(lambda: select(scores, q, k))
@@ -163,7 +169,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
             density = blocks.selected.sum().item() / (visible.sum().item() * heads)
             ref_ms = time_ms(lambda: reference_score(q, k, stride)) if length <= _REFERENCE_MAX_LEN else None
             scores = blocks = reference_blocks = None  # freed for the memory probe (lambdas above use them)
-            mib = peak_extra_mib(lambda: select(score(q, k, stride), q, k))
+            mib = peak_extra_mib(lambda: select(score(q, k, stride, kernel), q, k))
             rows.append(
                 dict(
                     L=f"{length // _K}K",
@@ -178,7 +184,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128):
                     density=f"{density:.2f}",
                     reference="-" if ref_ms is None else f"{ref_ms:.2f}",
                     memory=f"{mib:.0f}",
-                    config=_best_config(),
+                    config=_kernel_config(q, k, stride, kernel),
                 )
             )
             print(" | ".join(str(x) for x in rows[-1].values()), flush=True)
@@ -192,7 +198,7 @@ _HEADER = {
     "S": "S",
     "inputs": "inputs",
     "dense": "dense SDPA ms",
-    "score": "Triton score ms",
+    "score": "score ms",
     "select": "select ms",
     "torch_select": "torch select ms",
     "differing": "blocks unlike torch select",
@@ -221,6 +227,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inputs", choices=[*INPUTS, "all"], default="all", help="input kind (default: all)")
     parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    parser.add_argument(
+        "--kernel", choices=["auto", "triton", "gluon"], default="auto", help="scorer (default auto: Gluon on Hopper)"
+    )
     args = parser.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
     if args.heads % args.kv_heads:
@@ -238,14 +247,15 @@ def main(argv=None) -> None:
 
     title = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-        f"B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD}"
+        f"B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD}, "
+        f"kernel {args.kernel}"
     )
     print(title)
-    check_against_reference(args.kinds, args.heads, args.kv_heads)
+    check_against_reference(args.kinds, args.heads, args.kv_heads, args.kernel)
     print(" | ".join(_HEADER.values()))
     rows = []
     for length in args.lengths:
-        rows += run_case(length, args.kinds, args.heads, args.kv_heads)
+        rows += run_case(length, args.kinds, args.heads, args.kv_heads, kernel=args.kernel)
     table = markdown_table(rows)
     print()
     print(table)

@@ -22,7 +22,7 @@ from triton.language.extra import libdevice
 
 from .antidiagonal import _validate
 
-__all__ = ["antidiagonal_block_scores_triton"]
+__all__ = ["antidiagonal_block_scores_triton", "scoring_kernel"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634  # 1/ln(2): the kernel works in base 2 (exp2/log2)
@@ -327,9 +327,8 @@ def _antidiagonal_scores_kernel(
             FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
-    # Rows past the sequence or seeing no key get lse = +inf: they add nothing.
-    sees_any = (t < n_q_tiles) & (l_i > 0)
-    row_lse = tl.where(sees_any, m_i + tl.log2(tl.where(sees_any, l_i, 1.0)), float("inf"))
+    # Each row's log2-sum-exp2 (-inf: it sees no key); the normaliser drops rows past the sequence.
+    row_lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + local_t, row_lse)
 
 
@@ -341,6 +340,7 @@ def _normalise_kernel(
     stride_sh,
     stride_sr,
     stride_rh,
+    stride_rp,
     stride_ob,
     stride_oh,
     stride_oq,
@@ -352,13 +352,16 @@ def _normalise_kernel(
     STRIDE: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     HAS_CAUSAL: tl.constexpr,
+    PARTS: tl.constexpr,
     ROWS: tl.constexpr,
     NORM_BLOCKS: tl.constexpr,
 ):
     """Block scores of ``ROWS`` reduced query rows (whole query blocks) of one
-    (batch, head): the sum over a block's rows of ``exp2(block_lse - row_lse)``.
-    Row ``t`` reads the key blocks up to its causal diagonal, all of which the
-    scoring kernel wrote (its programs end at their last row's diagonal)."""
+    (batch, head): the sum over a block's rows of ``exp2(block_lse - row_lse)``,
+    ``row_lse`` the log2-sum-exp2 of the row's ``PARTS`` parts (the scorers
+    that split a row's keys write one part each). Row ``t`` reads the key
+    blocks up to its causal diagonal, all of which the scorer wrote (its
+    programs end at their last row's diagonal)."""
     # A kernel of its own, not a tail of the scoring kernel: there it kept each
     # SM's tensor cores idle while it waited on memory (bench/RESULTS.md, session 6).
     Q_BLOCKS: tl.constexpr = ROWS // TILES_PER_BLOCK
@@ -377,7 +380,16 @@ def _normalise_kernel(
     if HAS_CAUSAL:
         row_kb_end = tl.minimum(row_kb_end, tl.cdiv(tl.maximum(t + diag_shift + 1, 0), TILES_PER_BLOCK))
     kb_end = tl.max(row_kb_end)
-    row_lse = tl.load(row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + local_t, mask=t < n_q_tiles, other=float("inf"))
+    parts = row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + local_t
+    part_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    for i in tl.static_range(PARTS):
+        part_max = tl.maximum(part_max, tl.load(parts + i * stride_rp, mask=t < n_q_tiles, other=float("-inf")))
+    part_sum = tl.zeros([ROWS], dtype=tl.float32)
+    for i in tl.static_range(PARTS):
+        part_sum += tl.exp2(tl.load(parts + i * stride_rp, mask=t < n_q_tiles, other=float("-inf")) - part_max)
+    # Rows past the sequence or seeing no key get lse = +inf: they add nothing.
+    sees_any = part_max > float("-inf")
+    row_lse = tl.where(sees_any, part_max + tl.log2(tl.where(sees_any, part_sum, 1.0)), float("inf"))
     scratch_rows = scratch_ptr + pid_bh.to(tl.int64) * stride_sh + local_t[:, None] * stride_sr
     q_block = t_first // TILES_PER_BLOCK + tl.arange(0, Q_BLOCKS)
     out_rows = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_block[:, None] * stride_oq
@@ -432,6 +444,41 @@ def _validate_triton(
             )
 
 
+_KERNELS = ("auto", "triton", "gluon")
+
+
+def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible) -> str | None:
+    if not q.is_cuda or _interpreting():
+        return "it runs on CUDA tensors only"
+    try:
+        from . import antidiagonal_gluon
+    except ImportError as error:  # a Triton without Gluon
+        return f"this Triton has no Gluon ({error})"
+    return antidiagonal_gluon.unsupported_reason(q, k, stride, block_visible)
+
+
+def scoring_kernel(
+    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_visible: torch.Tensor | None = None, kernel: str = "auto"
+) -> str:
+    """Which kernel ``antidiagonal_block_scores_triton`` runs for these inputs:
+    ``"gluon"`` (Hopper, see ``antidiagonal_gluon.unsupported_reason``) or
+    ``"triton"``. Raises ValueError when ``kernel="gluon"`` cannot run them.
+
+    Example:
+        >>> q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
+        >>> scoring_kernel(q, q, stride=8)  # on an H100
+        'gluon'
+    """
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {_KERNELS}, but got kernel={kernel!r}")
+    if kernel == "triton":
+        return "triton"
+    reason = _gluon_unsupported_reason(q, k, stride, block_visible)
+    if reason is not None and kernel == "gluon":
+        raise ValueError(f"kernel='gluon' cannot score these inputs: {reason}")
+    return "triton" if reason else "gluon"
+
+
 def antidiagonal_block_scores_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -441,6 +488,7 @@ def antidiagonal_block_scores_triton(
     scale: float | None = None,
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in one fused Triton kernel.
 
@@ -459,6 +507,9 @@ def antidiagonal_block_scores_triton(
             (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
         block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
             invisible blocks are left out of the softmax (and never computed).
+        kernel: ``"auto"`` (the warp-specialised Gluon kernel where it runs:
+            Hopper, fp16/bf16, lengths multiples of S; else the Triton one),
+            ``"triton"`` or ``"gluon"`` (see ``scoring_kernel``).
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
@@ -472,8 +523,9 @@ def antidiagonal_block_scores_triton(
     """
     _validate(q, k, stride, block_size)
     _validate_triton(q, k, stride, block_size, scale, causal_offset, block_visible)
+    use_gluon = scoring_kernel(q, k, stride=stride, block_visible=block_visible, kernel=kernel) == "gluon"
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Lk = k.shape[2]
     S, tiles = stride, block_size // stride
     n_q_tiles, n_k_blocks = math.ceil(Lq / S), math.ceil(Lk / block_size)
     out = torch.zeros((B, Hq, math.ceil(Lq / block_size), n_k_blocks), dtype=torch.float32, device=q.device)
@@ -486,39 +538,30 @@ def antidiagonal_block_scores_triton(
     rows = max(1, _SCRATCH_BYTES // (per_row * _MAX_BLOCK_M)) * _MAX_BLOCK_M
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
     scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
-    row_lse = torch.empty((B * Hq, rows), dtype=torch.float32, device=q.device)
+    parts = 2 if use_gluon else 1  # the Gluon kernel's two consumers each see half of a row's keys
+    row_lse = torch.empty((B * Hq, parts, rows), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
     diag_shift = 0 if causal_offset is None else (S - 1 + causal_offset) // S
     for tile_start in range(0, n_q_tiles, rows):
         chunk = min(rows, n_q_tiles - tile_start)
-        _antidiagonal_scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
-            q,
-            k,
-            visible,
-            scratch,
-            row_lse,
-            *q.stride(),
-            *k.stride(),
-            *visible.stride(),
-            scratch.stride(0),
-            scratch.stride(1),
-            row_lse.stride(0),
-            Hq,
-            Hq // Hkv,
-            Lq,
-            Lk,
-            tile_start,
-            diag_shift,
-            scale / S * _LOG2E,
-            STRIDE=S,
-            HEAD_DIM=D,
-            TILES_PER_BLOCK=tiles,
-            HAS_CAUSAL=causal_offset is not None,
-            HAS_BLOCK_VISIBLE=block_visible is not None,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            FAST_LOG2=q.device.type != "cpu",  # the interpreter (CPU tensors) lacks libdevice
-            BLOCK_K=_block_k(D),
+        launch_args = dict(
+            stride=S,
+            tiles_per_block=tiles,
+            tile_start=tile_start,
+            chunk=chunk,
+            diag_shift=diag_shift,
+            qk_scale=scale / S * _LOG2E,
+            causal=causal_offset is not None,
         )
+        if use_gluon:
+            from . import antidiagonal_gluon
+
+            antidiagonal_gluon.launch(q, k, scratch, row_lse, **launch_args)
+        else:
+            has_block_visible = block_visible is not None
+            _launch_triton_scorer(
+                q, k, scratch, row_lse, visible=visible, has_block_visible=has_block_visible, **launch_args
+            )
         _normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), B * Hq)](
             scratch,
             row_lse,
@@ -526,6 +569,7 @@ def antidiagonal_block_scores_triton(
             scratch.stride(0),
             scratch.stride(1),
             row_lse.stride(0),
+            row_lse.stride(1),
             *out.stride()[:3],
             Hq,
             Lq,
@@ -535,7 +579,57 @@ def antidiagonal_block_scores_triton(
             STRIDE=S,
             TILES_PER_BLOCK=tiles,
             HAS_CAUSAL=causal_offset is not None,
+            PARTS=parts,
             ROWS=_MAX_BLOCK_M,  # whole query blocks: a multiple of Bs/S
             NORM_BLOCKS=32,  # key blocks a step
         )
     return out
+
+
+def _launch_triton_scorer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scratch: torch.Tensor,
+    row_lse: torch.Tensor,
+    *,
+    visible: torch.Tensor,
+    has_block_visible: bool,
+    stride: int,
+    tiles_per_block: int,
+    tile_start: int,
+    chunk: int,
+    diag_shift: int,
+    qk_scale: float,
+    causal: bool,
+) -> None:
+    """``_antidiagonal_scores_kernel`` on query rows ``[tile_start, tile_start +
+    chunk)``; ``antidiagonal_gluon.launch``'s contract with one row part."""
+    B, Hq, Lq, D = q.shape
+    _antidiagonal_scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
+        q,
+        k,
+        visible,
+        scratch,
+        row_lse,
+        *q.stride(),
+        *k.stride(),
+        *visible.stride(),
+        scratch.stride(0),
+        scratch.stride(1),
+        row_lse.stride(0),
+        Hq,
+        Hq // k.shape[1],
+        Lq,
+        k.shape[2],
+        tile_start,
+        diag_shift,
+        qk_scale,
+        STRIDE=stride,
+        HEAD_DIM=D,
+        TILES_PER_BLOCK=tiles_per_block,
+        HAS_CAUSAL=causal,
+        HAS_BLOCK_VISIBLE=has_block_visible,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST_LOG2=q.device.type != "cpu",  # the interpreter (CPU tensors) lacks libdevice
+        BLOCK_K=_block_k(D),
+    )

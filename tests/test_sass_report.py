@@ -2,6 +2,7 @@
 SASS loop census it reports."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,14 @@ def test_scorer_compiles_to_hopper_wgmma():
     assert "HGMMA loop:" in report.stdout, "the reduction loop should issue HGMMA (wgmma), not HMMA"
     assert "key-tile loop:" in report.stdout
     assert "registers" in report.stdout
+
+
+def test_gluon_scorer_compiles_within_hopper_limits():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = ["--kernel", "gluon", "--length", "8192", "--stride", "16", "--heads", "4", "--kv-heads", "2"]
+    report = subprocess.run([sys.executable, str(_SCRIPT), *args], env=env, capture_output=True, text=True, check=True)
+    print(report.stdout)
+    usage = re.search(r"local \(spills\) (\d+) B, shared (\d+) B", report.stdout)
+    assert usage and int(usage[1]) == 0, "a partition spills registers"
+    assert int(usage[2]) <= 227 * 1024, "more shared memory than an H100 block can have"
+    assert "HGMMA loop:" in report.stdout

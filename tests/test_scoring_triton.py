@@ -56,9 +56,12 @@ def _use_configs(monkeypatch, configs):
 
 
 @pytest.fixture(autouse=True)
-def _pinned_config_on_gpu(monkeypatch):
+def _triton_kernel_with_pinned_config(monkeypatch):
     if _CUDA:  # the interpreter already runs one config (the smallest)
         _use_configs(monkeypatch, [_PINNED_CONFIG])
+    # This module tests the Triton kernel; "auto" would pick the Gluon one on a
+    # Hopper GPU where it can (tested in test_scoring_gluon.py).
+    monkeypatch.setattr(antidiagonal_triton, "_gluon_unsupported_reason", lambda *args: "testing the Triton kernel")
 
 
 def _inputs(batch, hq, hkv, q_len, kv_len, head_dim, *, seed=0, dtype=_SMALL_DTYPE):
@@ -241,6 +244,8 @@ def test_empty_inputs():
         (dict(block_visible=torch.ones(3, 1, 2, 2, dtype=torch.bool)), "block_visible"),
         (dict(scale=float("nan")), "scale"),
         (dict(hq=3), "query heads"),
+        (dict(kernel="cuda"), "kernel must be one of"),
+        (dict(kernel="gluon"), "kernel='gluon' cannot score these inputs"),
     ],
 )
 def test_invalid_arguments_raise(change, message):
@@ -248,6 +253,7 @@ def test_invalid_arguments_raise(change, message):
     k = k.to(change.get("k_dtype", k.dtype))
     visible = change.get("block_visible")
     kwargs = dict(stride=8, block_size=change.get("block_size", 64), scale=change.get("scale"))
+    kwargs["kernel"] = change.get("kernel", "auto")
     with pytest.raises(ValueError, match=message):
         antidiagonal_block_scores_triton(q, k, block_visible=None if visible is None else visible.to(_DEVICE), **kwargs)
 

@@ -1,0 +1,325 @@
+"""The antidiagonal scorer for Hopper (sm_90), warp-specialised in Gluon.
+
+Same contract as ``antidiagonal_triton._antidiagonal_scores_kernel`` (per key
+block log2-sum-exp2 in scratch, each row's log2-sum-exp2 in ``row_lse``), for
+the inputs it covers (``unsupported_reason``). What it adds is overlap: in the
+Triton kernel all warps run the per-tile softmax at once while the tensor cores
+idle (19% of its time, bench/RESULTS.md session 6). Here two consumer
+warpgroups own the same 128 reduced query rows and alternate 128-key tiles
+(consumer w takes tiles w, w+2, ...), so one's softmax runs under the other's
+MMAs. They share a ring of Q chunks (a chunk is freed once both used it) and
+each has its own ring of K chunks; three one-warp producers issue the TMA
+loads. Consumer 1 starts a few chunks behind consumer 0, so their softmaxes
+fall at different times. Each consumer keeps its own online softmax over its
+tiles and writes its part of the row statistics (``row_lse[:, w]``); the
+normaliser combines the parts.
+
+The reduced rows are strided views of q and k, read by TMA as 5-D boxes
+``[1, 1, rows, 1, BLOCK_K]`` of ``[B, H, L/S, S, D]``: reduction column
+``r*D + d`` is query row ``t*S + S-1-r`` and key row ``u*S + r``. TMA fills
+rows past ``L/S`` with zeros, so L must be a multiple of S (a partial last
+group would read past the sequence): other lengths take the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["CONFIG", "launch", "unsupported_reason"]
+
+# Tile rows (reduced rows): 128 queries x 128 keys per consumer, the largest
+# fp32 accumulator a warpgroup holds beside the softmax (128 registers a thread).
+BLOCK_M = 128
+BLOCK_N = 128
+# Measured on an H200 (bench/RESULTS.md, session 7): BLOCK_K 32 with deeper
+# rings is 5-10% slower, two K stages (to deepen the Q ring) 5-20% slower.
+# Q_DEPTH - 2 is consumer 1's head start, in chunks: the rest is prefetch.
+CONFIG = dict(BLOCK_K=64, Q_DEPTH=7, K_DEPTH=3)
+# Registers a thread: the kernel is launched with 12 warps at _MAX_REGS; the
+# producers' warpgroup gives its registers to the consumers (256 and 232).
+_MAX_REGS = 168
+_CONSUMER_REGS = 232
+_PRODUCER_REGS = 24
+
+# Triton 3.9 renamed Hopper's TMA load; 3.6 (the GPU machine's) has the old name only.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _fast_log2(x):
+    # lg2.approx: one MUFU op, accurate to 2^-22 (the Triton kernel's fast_log2f).
+    return gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _load_partition(
+    desc, bufs, ready, empty, b, head, first_row, row_step, tiles, ANTIDIAGONAL: gl.constexpr, STRIDE: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+):  # fmt: skip
+    """Producer: ``tiles`` tiles of reduced rows (``first_row + i*row_step``),
+    each as ``STRIDE * HEAD_DIM / BLOCK_K`` chunks, into the ring ``bufs``.
+    Chunk c is sub-row r = c // (D / BLOCK_K) of each row (S-1-r for queries:
+    ``ANTIDIAGONAL``) and columns from (c % (D / BLOCK_K)) * BLOCK_K."""
+    DEPTH: gl.constexpr = bufs.type.shape[0]
+    ROWS: gl.constexpr = bufs.type.shape[1]
+    BLOCK_K: gl.constexpr = bufs.type.shape[2]
+    D_CHUNKS: gl.constexpr = HEAD_DIM // BLOCK_K
+    STEPS: gl.constexpr = STRIDE * D_CHUNKS
+    for i in range(tiles):
+        for c in range(STEPS):
+            n = i * STEPS + c
+            s = n % DEPTH
+            mbarrier.wait(empty.index(s), ((n // DEPTH) & 1) ^ 1)  # a fresh barrier passes phase 1
+            mbarrier.expect(ready.index(s), ROWS * BLOCK_K * 2)
+            r = c // D_CHUNKS
+            if ANTIDIAGONAL:
+                r = STRIDE - 1 - r
+            coord = [b, head, first_row + i * row_step, r, (c % D_CHUNKS) * BLOCK_K]
+            _tma_load(desc, coord, ready.index(s), bufs.index(s).reshape([1, 1, ROWS, 1, BLOCK_K]))
+
+
+@gluon.jit
+def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, k_count, STEPS: gl.constexpr,
+                    LEADER: gl.constexpr):  # fmt: skip
+    """One tile's reduced GEMM: ``STEPS`` chunk MMAs, each chunk's buffers
+    freed as soon as its MMA is done. The leader (consumer 0) lets consumer 1
+    start once it is Q_DEPTH - 2 chunks into its first tile."""
+    QD: gl.constexpr = q_bufs.type.shape[0]
+    KD: gl.constexpr = k_bufs.type.shape[0]
+    ROWS: gl.constexpr = q_bufs.type.shape[1]
+    KEYS: gl.constexpr = k_bufs.type.shape[1]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 16])
+    acc = gl.zeros([ROWS, KEYS], gl.float32, layout=mma)
+    for c in range(STEPS):
+        n = pair * STEPS + c
+        kn = k_count + c
+        mbarrier.wait(q_ready.index(n % QD), (n // QD) & 1)
+        mbarrier.wait(k_ready.index(kn % KD), (kn // KD) & 1)
+        acc = warpgroup_mma(q_bufs.index(n % QD), k_bufs.index(kn % KD).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous chunk's MMA is done
+        mbarrier.arrive(q_empty.index((n + QD - 1) % QD), pred=c > 0)
+        mbarrier.arrive(k_empty.index((kn + KD - 1) % KD), pred=c > 0)
+        if LEADER:
+            mbarrier.arrive(start, pred=(pair == 0) & (c == QD - 3))
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(q_empty.index((pair * STEPS + STEPS - 1) % QD))
+    mbarrier.arrive(k_empty.index((k_count + STEPS - 1) % KD))
+    return acc
+
+
+@gluon.jit
+def _consumer_partition(
+    q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, scratch_rows, stride_sr, row_lse_part, t0, n_tiles,
+    unmasked_tiles, n_k_tiles, diag_shift, qk_scale, WHICH: gl.constexpr, STEPS: gl.constexpr,
+    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr,
+):  # fmt: skip
+    """Consumer ``WHICH``: key tiles WHICH, WHICH+2, ... of the program's rows;
+    the softmax as in the Triton kernel's ``_online_softmax_tile``."""
+    QD: gl.constexpr = q_bufs.type.shape[0]
+    ROWS: gl.constexpr = q_bufs.type.shape[1]
+    KEYS: gl.constexpr = k_bufs.type.shape[1]
+    K_BLOCKS: gl.constexpr = KEYS // TILES_PER_BLOCK
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 16])
+    # Block sums are stored from a row-per-thread layout: 8-16 contiguous floats each.
+    per_row: gl.constexpr = gl.BlockedLayout([1, K_BLOCKS], [32, 1], [4, 1], [1, 0])
+    row_ids = gl.arange(0, ROWS, layout=gl.SliceLayout(1, per_row))
+    t = t0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))  # running row max (log2 units)
+    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, per_row))  # running row sum of exp2(x - m_i)
+    n_k_blocks = gl.cdiv(n_k_tiles, TILES_PER_BLOCK)
+    if WHICH == 1:
+        mbarrier.wait(start, 0, pred=n_tiles > 0)  # consumer 0 has tile 0 whenever there are tiles
+    k_count = 0
+    for pair in range(gl.cdiv(n_tiles, 2)):
+        j = 2 * pair + WHICH
+        if j < n_tiles:
+            acc = _consume_chunks(
+                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, k_count, STEPS, WHICH == 0
+            )
+            k_count += STEPS
+            x = acc * qk_scale
+            if j >= unmasked_tiles:  # crosses the causal diagonal or the last key tile
+                u = j * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(0, mma))
+                visible = gl.expand_dims(u < n_k_tiles, 0)
+                if HAS_CAUSAL:
+                    visible = visible & (gl.expand_dims(u, 0) <= gl.expand_dims(t + diag_shift, 1))
+                x = gl.where(visible, x, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(x, axis=1))
+            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+            probs = gl.exp2(x - gl.expand_dims(m_ref, 1))
+            block_sum = gl.sum(gl.reshape(probs, [ROWS, K_BLOCKS, TILES_PER_BLOCK]), axis=2)
+            block_sum = gl.convert_layout(block_sum, per_row)
+            alpha = gl.convert_layout(gl.exp2(m_i - m_ref), gl.SliceLayout(1, per_row))
+            l_i = l_i * alpha + gl.sum(block_sum, axis=1)
+            m_i = m_new
+            m_ref = gl.convert_layout(m_ref, gl.SliceLayout(1, per_row))
+            block_lse = gl.expand_dims(m_ref, 1) + _fast_log2(block_sum)
+            kb = j * K_BLOCKS + gl.arange(0, K_BLOCKS, layout=gl.SliceLayout(0, per_row))
+            ptrs = scratch_rows + gl.expand_dims(row_ids, 1) * stride_sr + gl.expand_dims(kb, 0)
+            gl.store(ptrs, block_lse, mask=gl.expand_dims(kb < n_k_blocks, 0))
+        else:  # consumer 1 past the last tile: release the Q chunks consumer 0 used
+            for c in range(STEPS):
+                n = pair * STEPS + c
+                mbarrier.wait(q_ready.index(n % QD), (n // QD) & 1)
+                mbarrier.arrive(q_empty.index(n % QD))
+    # This consumer's part of each row's log2-sum-exp2; -inf: it saw no key.
+    m_i = gl.convert_layout(m_i, gl.SliceLayout(1, per_row))
+    part = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    gl.store(row_lse_part + row_ids, part)
+
+
+@gluon.jit
+def _scores_kernel(
+    q_desc, k_desc, scratch_ptr, row_lse_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads, group_size,
+    q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
+    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
+    K_DEPTH: gl.constexpr, ROWS: gl.constexpr, KEYS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+):  # fmt: skip
+    """One program: ``ROWS`` reduced query rows of one (batch, query head),
+    the key tiles up to the causal diagonal of its last row."""
+    STEPS: gl.constexpr = STRIDE * HEAD_DIM // BLOCK_K
+    gl.static_assert(Q_DEPTH >= 3)  # consumer 1's head start is Q_DEPTH - 2 >= 1 chunks
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (causal: last) rows first
+    pid_bh = gl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    n_q_tiles = gl.cdiv(q_len, STRIDE)
+    n_k_tiles = gl.cdiv(k_len, STRIDE)
+    t0 = tile_start + pid_m * ROWS
+    k_tile_end = n_k_tiles
+    unmasked_end = n_k_tiles // KEYS * KEYS
+    if HAS_CAUSAL:
+        last_t = gl.minimum(t0 + ROWS, n_q_tiles) - 1
+        k_tile_end = gl.minimum(k_tile_end, last_t + diag_shift + 1)
+        unmasked_end = gl.minimum(unmasked_end, gl.maximum(t0 + diag_shift + 1, 0) // KEYS * KEYS)
+    n_tiles = gl.cdiv(gl.maximum(k_tile_end, 0), KEYS)
+
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(
+        swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=q_desc.dtype.primitive_bitwidth, rank=2
+    )
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [Q_DEPTH, ROWS, BLOCK_K], tile_layout)
+    k0_bufs = gl.allocate_shared_memory(k_desc.dtype, [K_DEPTH, KEYS, BLOCK_K], tile_layout)
+    k1_bufs = gl.allocate_shared_memory(k_desc.dtype, [K_DEPTH, KEYS, BLOCK_K], tile_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [Q_DEPTH, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_DEPTH, 1], mbarrier.MBarrierLayout())
+    k0_ready = gl.allocate_shared_memory(gl.int64, [K_DEPTH, 1], mbarrier.MBarrierLayout())
+    k0_empty = gl.allocate_shared_memory(gl.int64, [K_DEPTH, 1], mbarrier.MBarrierLayout())
+    k1_ready = gl.allocate_shared_memory(gl.int64, [K_DEPTH, 1], mbarrier.MBarrierLayout())
+    k1_empty = gl.allocate_shared_memory(gl.int64, [K_DEPTH, 1], mbarrier.MBarrierLayout())
+    start = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(Q_DEPTH):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumers use every Q chunk
+    for i in gl.static_range(K_DEPTH):
+        mbarrier.init(k0_ready.index(i), count=1)
+        mbarrier.init(k0_empty.index(i), count=1)
+        mbarrier.init(k1_ready.index(i), count=1)
+        mbarrier.init(k1_empty.index(i), count=1)
+    mbarrier.init(start, count=1)
+
+    scratch_rows = scratch_ptr + pid_bh.to(gl.int64) * stride_sh + (pid_m * ROWS).to(gl.int64) * stride_sr
+    row_lse_part = row_lse_ptr + pid_bh.to(gl.int64) * stride_rh + pid_m * ROWS
+    kv_head = h // group_size
+    n_pairs = gl.cdiv(n_tiles, 2)
+    unmasked_tiles = unmasked_end // KEYS
+    gl.warp_specialize(
+        [
+            (_consumer_partition, (q_bufs, q_ready, q_empty, k0_bufs, k0_ready, k0_empty, start, scratch_rows,
+                                   stride_sr, row_lse_part, t0, n_tiles, unmasked_tiles, n_k_tiles, diag_shift,
+                                   qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
+            (_consumer_partition, (q_bufs, q_ready, q_empty, k1_bufs, k1_ready, k1_empty, start, scratch_rows,
+                                   stride_sr, row_lse_part + stride_rp, t0, n_tiles, unmasked_tiles, n_k_tiles,
+                                   diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
+            # Q: the program's rows once per pair of key tiles; K: the even, the odd tiles.
+            (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, True, STRIDE, HEAD_DIM)),
+            (_load_partition, (k_desc, k0_bufs, k0_ready, k0_empty, b, kv_head, 0, 2 * KEYS, n_pairs, False, STRIDE,
+                               HEAD_DIM)),
+            (_load_partition, (k_desc, k1_bufs, k1_ready, k1_empty, b, kv_head, KEYS, 2 * KEYS, n_tiles // 2, False,
+                               STRIDE, HEAD_DIM)),
+        ],
+        [4, 1, 1, 1],
+        [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS],
+    )  # fmt: skip
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible: torch.Tensor | None) -> str | None:
+    """Why this kernel cannot score the call (None: it can)."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "it needs a Hopper GPU (sm_90: warpgroup MMAs and TMA)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes fp16/bf16 inputs, not {q.dtype}"
+    if q.shape[-1] % CONFIG["BLOCK_K"]:
+        return f"it needs a head dim that is a multiple of {CONFIG['BLOCK_K']}, not {q.shape[-1]}"
+    if q.shape[2] % stride or k.shape[2] % stride:
+        return f"it needs lengths that are multiples of the stride {stride}, not {q.shape[2]} and {k.shape[2]}"
+    if block_visible is not None:
+        return "it has no block_visible mask"
+    for name, x in (("q", q), ("k", k)):
+        if x.stride(-1) != 1 or any(s % 8 for s in x.stride()[:-1]) or x.data_ptr() % 16:
+            return f"TMA needs {name} with a contiguous last dim and 16-byte aligned rows, not strides {x.stride()}"
+    return None
+
+
+def _descriptor(x: torch.Tensor, stride: int, rows: int) -> TensorDescriptor:
+    """``x`` (B, H, L, D) as ``[B, H, L/S, S, D]``, loaded ``rows`` reduced rows
+    by BLOCK_K columns of one sub-row at a time."""
+    B, H, L, D = x.shape
+    sb, sh, sl, sd = x.stride()
+    dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[x.dtype]
+    swizzle = gl.NVMMASharedLayout.get_default_for([rows, CONFIG["BLOCK_K"]], dtype).swizzle_byte_width
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=16, rank=5)
+    block = [1, 1, rows, 1, CONFIG["BLOCK_K"]]
+    return TensorDescriptor(x, [B, H, L // stride, stride, D], [sb, sh, stride * sl, sl, sd], block, layout)
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scratch: torch.Tensor,
+    row_lse: torch.Tensor,
+    *,
+    stride: int,
+    tiles_per_block: int,
+    tile_start: int,
+    chunk: int,
+    diag_shift: int,
+    qk_scale: float,
+    causal: bool,
+) -> None:
+    """Scores reduced query rows ``[tile_start, tile_start + chunk)``: block
+    log2-sum-exp2s into ``scratch`` (B*Hq, rows, nK), the two consumers' row
+    parts into ``row_lse`` (B*Hq, 2, rows)."""
+    B, Hq, Lq, D = q.shape
+    _scores_kernel[(-(-chunk // BLOCK_M), B * Hq)](
+        _descriptor(q, stride, BLOCK_M),
+        _descriptor(k, stride, BLOCK_N),
+        scratch,
+        row_lse,
+        scratch.stride(0),
+        scratch.stride(1),
+        row_lse.stride(0),
+        row_lse.stride(1),
+        Hq,
+        Hq // k.shape[1],
+        Lq,
+        k.shape[2],
+        tile_start,
+        diag_shift,
+        qk_scale,
+        STRIDE=stride,
+        HEAD_DIM=D,
+        TILES_PER_BLOCK=tiles_per_block,
+        HAS_CAUSAL=causal,
+        ROWS=BLOCK_M,
+        KEYS=BLOCK_N,
+        CONSUMER_REGS=_CONSUMER_REGS,
+        PRODUCER_REGS=_PRODUCER_REGS,
+        num_warps=4,
+        maxnreg=_MAX_REGS,
+        **CONFIG,
+    )

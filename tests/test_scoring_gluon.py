@@ -1,0 +1,104 @@
+"""The Gluon (Hopper) antidiagonal scorer against the plain-torch reference,
+and the dispatch between it and the Triton kernel. Needs a Hopper GPU: Gluon
+has no CPU interpreter (tests/test_sass_report.py compiles it without one)."""
+
+import math
+
+import pytest
+import torch
+
+if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+    pytest.skip("the Gluon scorer runs on Hopper GPUs (sm_90) only", allow_module_level=True)
+pytest.importorskip("triton.experimental.gluon", reason="needs a Triton with Gluon")
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from xflex.score_mods import antidiagonal_block_scores  # noqa: E402
+from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton, scoring_kernel  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def _inputs(batch, hq, hkv, q_len, kv_len, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, q_len, head_dim, generator=gen)
+    k = torch.randn(batch, hkv, kv_len, head_dim, generator=gen)
+    return q.cuda().to(dtype), k.cuda().to(dtype)
+
+
+def _assert_matches_reference(q, k, **kwargs):
+    """Same bf16/fp16 inputs as the reference: only summation order (and
+    lg2.approx) differ, as for the Triton kernel's GPU tests."""
+    assert scoring_kernel(q, k, stride=kwargs["stride"], kernel="auto") == "gluon"
+    got = antidiagonal_block_scores_triton(q, k, kernel="gluon", **kwargs)
+    want = antidiagonal_block_scores(q, k, **kwargs)
+    print(f"max diff {(got - want).abs().max().item():.3g}")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return got
+
+
+@st.composite
+def _case(draw):
+    stride = draw(st.sampled_from([4, 8, 16]))
+    block_size = draw(st.sampled_from([64, 128]))
+    hkv, groups, batch = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 4])), draw(st.sampled_from([1, 2]))
+    # Lengths are multiples of S (else the Triton kernel runs), not of the block.
+    q_len, kv_len = stride * draw(st.integers(1, 700)), stride * draw(st.integers(1, 700))
+    head_dim = draw(st.sampled_from([64, 128]))
+    dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    causal = draw(st.sampled_from([None, 0, kv_len - q_len]))
+    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(_case(), st.integers(0, 2**31 - 1))
+def test_matches_reference(case, seed):
+    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal = case
+    q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, dtype, seed)
+    _assert_matches_reference(q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal)
+
+
+@pytest.mark.parametrize("causal_offset", [None, 0])
+def test_many_key_tiles_and_chunks(causal_offset, monkeypatch):
+    # 16K tokens at S=8: 16 key tiles a consumer; a small scratch budget makes
+    # several query chunks (tile_start > 0) share one scratch.
+    from xflex.score_mods import antidiagonal_triton
+
+    monkeypatch.setattr(antidiagonal_triton, "_SCRATCH_BYTES", 2**20)
+    q, k = _inputs(1, 8, 2, 16384, 16384, 128, torch.bfloat16)
+    _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=causal_offset)
+
+
+def test_head_dim_256_and_odd_tile_count():
+    # D=256: four chunks a sub-row; 5 key tiles: consumer 1 idles on the last pair.
+    q, k = _inputs(1, 2, 1, 640 * 8, 640 * 8, 256, torch.bfloat16)
+    _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=0)
+
+
+def test_non_contiguous_inputs():
+    # (B, L, H, D) memory seen as (B, H, L, D), as attention layers pass q and k.
+    q, k = _inputs(2, 8, 2, 4096, 4096, 128, torch.bfloat16)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_t = k.transpose(1, 2).contiguous().transpose(1, 2)
+    got = _assert_matches_reference(q_t, k_t, stride=8, block_size=128, causal_offset=0)
+    torch.testing.assert_close(got, antidiagonal_block_scores_triton(q, k, stride=8, block_size=128, causal_offset=0))
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(dtype=torch.float32), "fp16/bf16"),
+        (dict(q_len=4100), "multiples of the stride"),
+        (dict(head_dim=80), "multiple of 64"),
+        (dict(block_visible=True), "block_visible"),
+    ],
+)
+def test_falls_back_to_triton_where_it_cannot_run(change, reason):
+    args = dict(q_len=4096, head_dim=128, dtype=torch.bfloat16) | change
+    block_visible = args.pop("block_visible", None)
+    q, k = _inputs(1, 4, 4, args["q_len"], 4096, args["head_dim"], args["dtype"])
+    if block_visible:
+        block_visible = torch.ones(1, 1, math.ceil(q.shape[2] / 128), 32, dtype=torch.bool, device="cuda")
+    assert scoring_kernel(q, k, stride=8, block_visible=block_visible) == "triton"
+    with pytest.raises(ValueError, match=reason):
+        scoring_kernel(q, k, stride=8, block_visible=block_visible, kernel="gluon")
