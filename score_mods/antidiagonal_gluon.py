@@ -87,9 +87,11 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
                     LEADER: gl.constexpr):  # fmt: skip
     """One tile's reduced GEMM: ``STEPS`` chunk MMAs, each chunk's buffers
     freed as soon as its MMA is done. The leader (consumer 0) lets consumer 1
-    start once it is Q_DEPTH - 2 chunks into its first tile."""
+    start once it is Q_DEPTH - 2 chunks (at most the whole tile) into its first
+    tile: before the Q ring, which consumer 1 has not freed yet, stops it."""
     QD: gl.constexpr = q_bufs.type.shape[0]
     KD: gl.constexpr = k_bufs.type.shape[0]
+    START_AFTER: gl.constexpr = min(QD - 3, STEPS - 1)
     ROWS: gl.constexpr = q_bufs.type.shape[1]
     KEYS: gl.constexpr = k_bufs.type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 16])
@@ -104,7 +106,7 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
         mbarrier.arrive(q_empty.index((n + QD - 1) % QD), pred=c > 0)
         mbarrier.arrive(k_empty.index((kn + KD - 1) % KD), pred=c > 0)
         if LEADER:
-            mbarrier.arrive(start, pred=(pair == 0) & (c == QD - 3))
+            mbarrier.arrive(start, pred=(pair == 0) & (c == START_AFTER))
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(q_empty.index((pair * STEPS + STEPS - 1) % QD))
     mbarrier.arrive(k_empty.index((k_count + STEPS - 1) % KD))
