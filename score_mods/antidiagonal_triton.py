@@ -445,6 +445,11 @@ def _validate_triton(
 
 
 _KERNELS = ("auto", "triton", "gluon")
+# "auto" takes the Gluon kernel from this many multiply-adds of the reduced GEMM
+# (B*Hq*(Lq/S)*(Lk/S)*S*D, ~1 ms of scoring on an H200). Below it the call is
+# launch-bound: the Gluon launch costs ~0.3 ms of host time against Triton's
+# ~0.2 ms, more than its 8-10% of GPU time saves (bench/RESULTS.md, session 7).
+_GLUON_MIN_MACS = 2**39
 
 
 def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible) -> str | None:
@@ -461,11 +466,12 @@ def scoring_kernel(
     q: torch.Tensor, k: torch.Tensor, *, stride: int, block_visible: torch.Tensor | None = None, kernel: str = "auto"
 ) -> str:
     """Which kernel ``antidiagonal_block_scores_triton`` runs for these inputs:
-    ``"gluon"`` (Hopper, see ``antidiagonal_gluon.unsupported_reason``) or
+    ``"gluon"`` (Hopper, see ``antidiagonal_gluon.unsupported_reason``; with
+    ``"auto"`` only for calls large enough to pay for its costlier launch) or
     ``"triton"``. Raises ValueError when ``kernel="gluon"`` cannot run them.
 
     Example:
-        >>> q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
+        >>> q = torch.randn(1, 32, 65536, 128, device="cuda", dtype=torch.bfloat16)
         >>> scoring_kernel(q, q, stride=8)  # on an H100
         'gluon'
     """
@@ -476,7 +482,8 @@ def scoring_kernel(
     reason = _gluon_unsupported_reason(q, k, stride, block_visible)
     if reason is not None and kernel == "gluon":
         raise ValueError(f"kernel='gluon' cannot score these inputs: {reason}")
-    return "triton" if reason else "gluon"
+    macs = q.shape[0] * q.shape[1] * (q.shape[2] // stride) * (k.shape[2] // stride) * stride * q.shape[3]
+    return "gluon" if reason is None and (kernel == "gluon" or macs >= _GLUON_MIN_MACS) else "triton"
 
 
 def antidiagonal_block_scores_triton(
@@ -507,9 +514,10 @@ def antidiagonal_block_scores_triton(
             (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
         block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
             invisible blocks are left out of the softmax (and never computed).
-        kernel: ``"auto"`` (the warp-specialised Gluon kernel where it runs:
-            Hopper, fp16/bf16, lengths multiples of S; else the Triton one),
-            ``"triton"`` or ``"gluon"`` (see ``scoring_kernel``).
+        kernel: ``"auto"`` (the warp-specialised Gluon kernel where it runs
+            and the call is large: Hopper, fp16/bf16, lengths multiples of S,
+            ~32K tokens and up; else the Triton one), ``"triton"`` or
+            ``"gluon"`` (see ``scoring_kernel``).
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row

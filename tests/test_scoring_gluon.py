@@ -29,7 +29,6 @@ def _inputs(batch, hq, hkv, q_len, kv_len, head_dim, dtype, seed=0):
 def _assert_matches_reference(q, k, **kwargs):
     """Same bf16/fp16 inputs as the reference: only summation order (and
     lg2.approx) differ, as for the Triton kernel's GPU tests."""
-    assert scoring_kernel(q, k, stride=kwargs["stride"], kernel="auto") == "gluon"
     got = antidiagonal_block_scores_triton(q, k, kernel="gluon", **kwargs)
     want = antidiagonal_block_scores(q, k, **kwargs)
     print(f"max diff {(got - want).abs().max().item():.3g}")
@@ -82,6 +81,15 @@ def test_non_contiguous_inputs():
     k_t = k.transpose(1, 2).contiguous().transpose(1, 2)
     got = _assert_matches_reference(q_t, k_t, stride=8, block_size=128, causal_offset=0)
     torch.testing.assert_close(got, antidiagonal_block_scores_triton(q, k, stride=8, block_size=128, causal_offset=0))
+
+
+def test_auto_takes_gluon_for_long_calls_only():
+    # Short calls are launch-bound, where the Triton kernel's launch is cheaper.
+    long = torch.empty(1, 1, 65536, 128, dtype=torch.bfloat16, device="cuda").expand(1, 32, -1, -1)
+    assert scoring_kernel(long, long, stride=8) == "gluon"
+    short = long[:, :, :8192]
+    assert scoring_kernel(short, short, stride=8) == "triton"
+    assert scoring_kernel(short, short, stride=8, kernel="gluon") == "gluon"
 
 
 @pytest.mark.parametrize(
