@@ -36,7 +36,7 @@ __all__ = ["CONFIG", "launch", "unsupported_reason"]
 BLOCK_M = 128
 BLOCK_N = 128
 # Measured on an H200 (bench/RESULTS.md, session 7): BLOCK_K 32 with deeper
-# rings is 5-10% slower, two K stages (to deepen the Q ring) 5-20% slower.
+# rings is 4-10% slower, two K stages (to deepen the Q ring) 4-17% slower.
 # Q_DEPTH - 2 is consumer 1's head start, in chunks: the rest is prefetch.
 CONFIG = dict(BLOCK_K=64, Q_DEPTH=7, K_DEPTH=3)
 # Registers a thread: the kernel is launched with 12 warps at _MAX_REGS; the
