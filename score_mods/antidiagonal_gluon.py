@@ -10,9 +10,10 @@ warpgroups own the same 128 reduced query rows and alternate 128-key tiles
 MMAs. They share a ring of Q chunks (a chunk is freed once both used it) and
 each has its own ring of K chunks; three one-warp producers issue the TMA
 loads. Consumer 1 starts a few chunks behind consumer 0, so their softmaxes
-fall at different times. Each consumer keeps its own online softmax over its
-tiles and writes its part of the row statistics (``row_lse[:, w]``); the
-normaliser combines the parts.
+fall at different times. A program takes one ``KEY_RANGE`` of the keys, so a
+row block's keys are split over several programs. Each consumer keeps its own
+online softmax over its tiles and writes its part of the row statistics
+(``row_lse[:, 2*range + w]``); the normaliser combines the parts.
 
 The reduced rows are strided views of q and k, read by TMA as 5-D boxes
 ``[1, 1, rows, 1, BLOCK_K]`` of ``[B, H, L/S, S, D]``: reduction column
@@ -29,12 +30,18 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["CONFIG", "launch", "unsupported_reason"]
+__all__ = ["CONFIG", "KEY_RANGE", "key_ranges", "launch", "unsupported_reason"]
 
 # Tile rows (reduced rows): 128 queries x 128 keys per consumer, the largest
 # fp32 accumulator a warpgroup holds beside the softmax (128 registers a thread).
 BLOCK_M = 128
 BLOCK_N = 128
+# Reduced key rows a program takes (8 pairs of key tiles): the programs of a
+# row block split its keys, so those in flight at once are a few heads' query
+# row blocks by key ranges, whose q and k stay in L2, and all do about the same
+# work. Against whole rows per program, on an H200 (bench/RESULTS.md, session
+# 8): 9-11% less time at 64K-128K, S=8; 1024 about the same, 4096 slower, 512 mixed.
+KEY_RANGE = 2048
 # Measured on an H200 (bench/RESULTS.md, session 7): BLOCK_K 32 with deeper
 # rings is 4-10% slower, two K stages (to deepen the Q ring) 4-17% slower.
 # Q_DEPTH - 2 is consumer 1's head start, in chunks: the rest is prefetch.
@@ -115,8 +122,8 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
 
 @gluon.jit
 def _consumer_partition(
-    q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, scratch_rows, stride_sr, row_lse_part, t0, n_tiles,
-    unmasked_tiles, n_k_tiles, diag_shift, qk_scale, WHICH: gl.constexpr, STEPS: gl.constexpr,
+    q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, scratch_rows, stride_sr, row_lse_part, t0, k_first,
+    n_tiles, unmasked_tiles, n_k_tiles, diag_shift, qk_scale, WHICH: gl.constexpr, STEPS: gl.constexpr,
     TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr,
 ):  # fmt: skip
     """Consumer ``WHICH``: key tiles WHICH, WHICH+2, ... of the program's rows;
@@ -145,7 +152,7 @@ def _consumer_partition(
             k_count += STEPS
             x = acc * qk_scale
             if j >= unmasked_tiles:  # crosses the causal diagonal or the last key tile
-                u = j * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(0, mma))
+                u = k_first + j * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(0, mma))
                 visible = gl.expand_dims(u < n_k_tiles, 0)
                 if HAS_CAUSAL:
                     visible = visible & (gl.expand_dims(u, 0) <= gl.expand_dims(t + diag_shift, 1))
@@ -160,7 +167,7 @@ def _consumer_partition(
             m_i = m_new
             m_ref = gl.convert_layout(m_ref, gl.SliceLayout(1, per_row))
             block_lse = gl.expand_dims(m_ref, 1) + _fast_log2(block_sum)
-            kb = j * K_BLOCKS + gl.arange(0, K_BLOCKS, layout=gl.SliceLayout(0, per_row))
+            kb = k_first // TILES_PER_BLOCK + j * K_BLOCKS + gl.arange(0, K_BLOCKS, layout=gl.SliceLayout(0, per_row))
             ptrs = scratch_rows + gl.expand_dims(row_ids, 1) * stride_sr + gl.expand_dims(kb, 0)
             gl.store(ptrs, block_lse, mask=gl.expand_dims(kb < n_k_blocks, 0))
         else:  # consumer 1 past the last tile: release the Q chunks consumer 0 used
@@ -179,15 +186,16 @@ def _scores_kernel(
     q_desc, k_desc, scratch_ptr, row_lse_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads, group_size,
     q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
     TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
-    K_DEPTH: gl.constexpr, ROWS: gl.constexpr, KEYS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    K_DEPTH: gl.constexpr, ROWS: gl.constexpr, KEYS: gl.constexpr, KEY_RANGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
 ):  # fmt: skip
-    """One program: ``ROWS`` reduced query rows of one (batch, query head),
-    the key tiles up to the causal diagonal of its last row."""
+    """One program: ``ROWS`` reduced query rows of one (batch, query head) by
+    the key tiles of one ``KEY_RANGE``, up to the causal diagonal of its last row."""
     STEPS: gl.constexpr = STRIDE * HEAD_DIM // BLOCK_K
     gl.static_assert(Q_DEPTH >= 3)  # consumer 1's head start is Q_DEPTH - 2 >= 1 chunks
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (causal: last) rows first
-    pid_bh = gl.program_id(1)
+    pid_r = gl.program_id(1)
+    pid_bh = gl.program_id(2)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     n_q_tiles = gl.cdiv(q_len, STRIDE)
@@ -199,7 +207,10 @@ def _scores_kernel(
         last_t = gl.minimum(t0 + ROWS, n_q_tiles) - 1
         k_tile_end = gl.minimum(k_tile_end, last_t + diag_shift + 1)
         unmasked_end = gl.minimum(unmasked_end, gl.maximum(t0 + diag_shift + 1, 0) // KEYS * KEYS)
-    n_tiles = gl.cdiv(gl.maximum(k_tile_end, 0), KEYS)
+    k_first = pid_r * KEY_RANGE
+    n_tiles = gl.cdiv(gl.maximum(gl.minimum(k_tile_end, k_first + KEY_RANGE) - k_first, 0), KEYS)
+    if n_tiles == 0:  # a range past the rows' causal diagonal: their parts stay -inf
+        return
 
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(
         swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=q_desc.dtype.primitive_bitwidth, rank=2
@@ -225,24 +236,24 @@ def _scores_kernel(
     mbarrier.init(start, count=1)
 
     scratch_rows = scratch_ptr + pid_bh.to(gl.int64) * stride_sh + (pid_m * ROWS).to(gl.int64) * stride_sr
-    row_lse_part = row_lse_ptr + pid_bh.to(gl.int64) * stride_rh + pid_m * ROWS
+    row_lse_part = row_lse_ptr + pid_bh.to(gl.int64) * stride_rh + 2 * pid_r * stride_rp + pid_m * ROWS
     kv_head = h // group_size
     n_pairs = gl.cdiv(n_tiles, 2)
-    unmasked_tiles = unmasked_end // KEYS
+    unmasked_tiles = gl.maximum(unmasked_end - k_first, 0) // KEYS
     gl.warp_specialize(
         [
             (_consumer_partition, (q_bufs, q_ready, q_empty, k0_bufs, k0_ready, k0_empty, start, scratch_rows,
-                                   stride_sr, row_lse_part, t0, n_tiles, unmasked_tiles, n_k_tiles, diag_shift,
-                                   qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
+                                   stride_sr, row_lse_part, t0, k_first, n_tiles, unmasked_tiles, n_k_tiles,
+                                   diag_shift, qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
             (_consumer_partition, (q_bufs, q_ready, q_empty, k1_bufs, k1_ready, k1_empty, start, scratch_rows,
-                                   stride_sr, row_lse_part + stride_rp, t0, n_tiles, unmasked_tiles, n_k_tiles,
-                                   diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
+                                   stride_sr, row_lse_part + stride_rp, t0, k_first, n_tiles, unmasked_tiles,
+                                   n_k_tiles, diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
             # Q: the program's rows once per pair of key tiles; K: the even, the odd tiles.
             (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, True, STRIDE, HEAD_DIM)),
-            (_load_partition, (k_desc, k0_bufs, k0_ready, k0_empty, b, kv_head, 0, 2 * KEYS, n_pairs, False, STRIDE,
-                               HEAD_DIM)),
-            (_load_partition, (k_desc, k1_bufs, k1_ready, k1_empty, b, kv_head, KEYS, 2 * KEYS, n_tiles // 2, False,
+            (_load_partition, (k_desc, k0_bufs, k0_ready, k0_empty, b, kv_head, k_first, 2 * KEYS, n_pairs, False,
                                STRIDE, HEAD_DIM)),
+            (_load_partition, (k_desc, k1_bufs, k1_ready, k1_empty, b, kv_head, k_first + KEYS, 2 * KEYS,
+                               n_tiles // 2, False, STRIDE, HEAD_DIM)),
         ],
         [4, 1, 1, 1],
         [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS],
@@ -279,6 +290,12 @@ def _descriptor(x: torch.Tensor, stride: int, rows: int) -> TensorDescriptor:
     return TensorDescriptor(x, [B, H, L // stride, stride, D], [sb, sh, stride * sl, sl, sd], block, layout)
 
 
+def key_ranges(k_len: int, stride: int) -> int:
+    """Key ranges of ``KEY_RANGE`` reduced rows in keys of length ``k_len``:
+    each query row block's programs (the row statistics have two parts a range)."""
+    return max(1, -(-k_len // (stride * KEY_RANGE)))
+
+
 def launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -294,10 +311,14 @@ def launch(
     causal: bool,
 ) -> None:
     """Scores reduced query rows ``[tile_start, tile_start + chunk)``: block
-    log2-sum-exp2s into ``scratch`` (B*Hq, rows, nK), the two consumers' row
-    parts into ``row_lse`` (B*Hq, 2, rows)."""
+    log2-sum-exp2s into ``scratch`` (B*Hq, rows, nK), each key range's two
+    consumers' row parts into ``row_lse`` (B*Hq, 2 * key_ranges(Lk, S), rows):
+    -inf for the ranges a row does not reach."""
     B, Hq, Lq, D = q.shape
-    _scores_kernel[(-(-chunk // BLOCK_M), B * Hq)](
+    # Ranges past the chunk's last causal diagonal have no programs: their parts stay -inf.
+    row_lse.fill_(float("-inf"))
+    keys_reached = k.shape[2] if not causal else min(k.shape[2], (tile_start + chunk + diag_shift) * stride)
+    _scores_kernel[(-(-chunk // BLOCK_M), key_ranges(max(keys_reached, 1), stride), B * Hq)](
         _descriptor(q, stride, BLOCK_M),
         _descriptor(k, stride, BLOCK_N),
         scratch,
@@ -319,6 +340,7 @@ def launch(
         HAS_CAUSAL=causal,
         ROWS=BLOCK_M,
         KEYS=BLOCK_N,
+        KEY_RANGE=KEY_RANGE,
         CONSUMER_REGS=_CONSUMER_REGS,
         PRODUCER_REGS=_PRODUCER_REGS,
         num_warps=4,

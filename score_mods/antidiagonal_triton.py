@@ -349,16 +349,16 @@ def _normalise_kernel(
     k_len,
     tile_start,
     diag_shift,
+    n_parts,
     STRIDE: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     HAS_CAUSAL: tl.constexpr,
-    PARTS: tl.constexpr,
     ROWS: tl.constexpr,
     NORM_BLOCKS: tl.constexpr,
 ):
     """Block scores of ``ROWS`` reduced query rows (whole query blocks) of one
     (batch, head): the sum over a block's rows of ``exp2(block_lse - row_lse)``,
-    ``row_lse`` the log2-sum-exp2 of the row's ``PARTS`` parts (the scorers
+    ``row_lse`` the log2-sum-exp2 of the row's ``n_parts`` parts (the scorers
     that split a row's keys write one part each). Row ``t`` reads the key
     blocks up to its causal diagonal, all of which the scorer wrote (its
     programs end at their last row's diagonal)."""
@@ -382,10 +382,10 @@ def _normalise_kernel(
     kb_end = tl.max(row_kb_end)
     parts = row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + local_t
     part_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    for i in tl.static_range(PARTS):
+    for i in range(n_parts):
         part_max = tl.maximum(part_max, tl.load(parts + i * stride_rp, mask=t < n_q_tiles, other=float("-inf")))
     part_sum = tl.zeros([ROWS], dtype=tl.float32)
-    for i in tl.static_range(PARTS):
+    for i in range(n_parts):
         part_sum += tl.exp2(tl.load(parts + i * stride_rp, mask=t < n_q_tiles, other=float("-inf")) - part_max)
     # Rows past the sequence or seeing no key get lse = +inf: they add nothing.
     sees_any = part_max > float("-inf")
@@ -546,7 +546,12 @@ def antidiagonal_block_scores_triton(
     rows = max(1, _SCRATCH_BYTES // (per_row * _MAX_BLOCK_M)) * _MAX_BLOCK_M
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
     scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
-    parts = 2 if use_gluon else 1  # the Gluon kernel's two consumers each see half of a row's keys
+    if use_gluon:  # the Gluon kernel's two consumers each see half of each key range
+        from . import antidiagonal_gluon
+
+        parts = 2 * antidiagonal_gluon.key_ranges(Lk, S)
+    else:
+        parts = 1
     row_lse = torch.empty((B * Hq, parts, rows), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
     diag_shift = 0 if causal_offset is None else (S - 1 + causal_offset) // S
@@ -584,10 +589,10 @@ def antidiagonal_block_scores_triton(
             Lk,
             tile_start,
             diag_shift,
+            parts,
             STRIDE=S,
             TILES_PER_BLOCK=tiles,
             HAS_CAUSAL=causal_offset is not None,
-            PARTS=parts,
             ROWS=_MAX_BLOCK_M,  # whole query blocks: a multiple of Bs/S
             NORM_BLOCKS=32,  # key blocks a step
         )

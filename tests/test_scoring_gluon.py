@@ -3,6 +3,7 @@ and the dispatch between it and the Triton kernel. Needs a Hopper GPU: Gluon
 has no CPU interpreter (tests/test_sass_report.py compiles it without one)."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ pytest.importorskip("triton.experimental.gluon", reason="needs a Triton with Glu
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from xflex.score_mods import antidiagonal_block_scores  # noqa: E402
+from xflex.score_mods import antidiagonal_block_scores, antidiagonal_gluon  # noqa: E402
 from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton, scoring_kernel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -46,24 +47,31 @@ def _case(draw):
     head_dim = draw(st.sampled_from([64, 128]))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
     causal = draw(st.sampled_from([None, 0, kv_len - q_len]))
-    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal
+    # Reduced key rows a program takes: the shipped range is one program per
+    # row block at these lengths; 256 (one pair of key tiles) splits rows into many.
+    key_range = draw(st.sampled_from([256, 512, antidiagonal_gluon.KEY_RANGE]))
+    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(_case(), st.integers(0, 2**31 - 1))
 def test_matches_reference(case, seed):
-    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal = case
+    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range = case
     q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, dtype, seed)
-    _assert_matches_reference(q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal)
+    with mock.patch.object(antidiagonal_gluon, "KEY_RANGE", key_range):
+        _assert_matches_reference(q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal)
 
 
+@pytest.mark.parametrize("key_range", [256, antidiagonal_gluon.KEY_RANGE])
 @pytest.mark.parametrize("causal_offset", [None, 0])
-def test_many_key_tiles_and_chunks(causal_offset, monkeypatch):
-    # 16K tokens at S=8: 16 key tiles a consumer; a small scratch budget makes
-    # several query chunks (tile_start > 0) share one scratch.
+def test_many_key_tiles_and_chunks(causal_offset, key_range, monkeypatch):
+    # 16K tokens at S=8: 2048 reduced key rows, one key range or eight; a
+    # small scratch budget makes several query chunks (tile_start > 0, each
+    # reaching more ranges under the causal mask) share one scratch and row_lse.
     from xflex.score_mods import antidiagonal_triton
 
     monkeypatch.setattr(antidiagonal_triton, "_SCRATCH_BYTES", 2**20)
+    monkeypatch.setattr(antidiagonal_gluon, "KEY_RANGE", key_range)
     q, k = _inputs(1, 8, 2, 16384, 16384, 128, torch.bfloat16)
     _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=causal_offset)
 
