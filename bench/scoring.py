@@ -136,9 +136,10 @@ def _kernel_config(q, k, stride, kernel) -> str:
     from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel, scoring_kernel
 
     if scoring_kernel(q, k, stride=stride, kernel=kernel) == "gluon":
-        from xflex.score_mods.antidiagonal_gluon import CONFIG
+        from xflex.score_mods.antidiagonal_gluon import CONFIG, KEY_RANGE
 
-        return "gluon " + " ".join(f"{key.lower()}={value}" for key, value in CONFIG.items())
+        settings = CONFIG | {"KEY_RANGE": KEY_RANGE}
+        return "gluon " + " ".join(f"{key.lower()}={value}" for key, value in settings.items())
     return describe(_antidiagonal_scores_kernel.best_config)
 
 
