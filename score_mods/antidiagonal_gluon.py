@@ -318,7 +318,7 @@ def launch(
     # Ranges past the chunk's last causal diagonal have no programs: their parts stay -inf.
     row_lse.fill_(float("-inf"))
     keys_reached = k.shape[2] if not causal else min(k.shape[2], (tile_start + chunk + diag_shift) * stride)
-    _scores_kernel[(-(-chunk // BLOCK_M), key_ranges(max(keys_reached, 1), stride), B * Hq)](
+    _scores_kernel[(-(-chunk // BLOCK_M), key_ranges(keys_reached, stride), B * Hq)](
         _descriptor(q, stride, BLOCK_M),
         _descriptor(k, stride, BLOCK_N),
         scratch,

@@ -546,12 +546,10 @@ def antidiagonal_block_scores_triton(
     rows = max(1, _SCRATCH_BYTES // (per_row * _MAX_BLOCK_M)) * _MAX_BLOCK_M
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
     scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
-    if use_gluon:  # the Gluon kernel's two consumers each see half of each key range
+    if use_gluon:
         from . import antidiagonal_gluon
-
-        parts = 2 * antidiagonal_gluon.key_ranges(Lk, S)
-    else:
-        parts = 1
+    # Row parts: the Gluon kernel's two consumers each see half of each key range.
+    parts = 2 * antidiagonal_gluon.key_ranges(Lk, S) if use_gluon else 1
     row_lse = torch.empty((B * Hq, parts, rows), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
     diag_shift = 0 if causal_offset is None else (S - 1 + causal_offset) // S
@@ -567,8 +565,6 @@ def antidiagonal_block_scores_triton(
             causal=causal_offset is not None,
         )
         if use_gluon:
-            from . import antidiagonal_gluon
-
             antidiagonal_gluon.launch(q, k, scratch, row_lse, **launch_args)
         else:
             has_block_visible = block_visible is not None
