@@ -90,12 +90,14 @@ def _load_partition(
 
 
 @gluon.jit
-def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, k_count, STEPS: gl.constexpr,
+def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS: gl.constexpr,
                     LEADER: gl.constexpr):  # fmt: skip
     """One tile's reduced GEMM: ``STEPS`` chunk MMAs, each chunk's buffers
     freed as soon as its MMA is done. The leader (consumer 0) lets consumer 1
     start once it is Q_DEPTH - 2 chunks (at most the whole tile) into its first
-    tile: before the Q ring, which consumer 1 has not freed yet, stops it."""
+    tile: before the Q ring, which consumer 1 has not freed yet, stops it.
+    A consumer's tile of pair p is its p-th (only consumer 1's last may be
+    missing), so chunk n of the Q ring is also chunk n of its K ring."""
     QD: gl.constexpr = q_bufs.type.shape[0]
     KD: gl.constexpr = k_bufs.type.shape[0]
     START_AFTER: gl.constexpr = min(QD - 3, STEPS - 1)
@@ -105,18 +107,17 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
     acc = gl.zeros([ROWS, KEYS], gl.float32, layout=mma)
     for c in range(STEPS):
         n = pair * STEPS + c
-        kn = k_count + c
         mbarrier.wait(q_ready.index(n % QD), (n // QD) & 1)
-        mbarrier.wait(k_ready.index(kn % KD), (kn // KD) & 1)
-        acc = warpgroup_mma(q_bufs.index(n % QD), k_bufs.index(kn % KD).permute((1, 0)), acc, is_async=True)
+        mbarrier.wait(k_ready.index(n % KD), (n // KD) & 1)
+        acc = warpgroup_mma(q_bufs.index(n % QD), k_bufs.index(n % KD).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous chunk's MMA is done
         mbarrier.arrive(q_empty.index((n + QD - 1) % QD), pred=c > 0)
-        mbarrier.arrive(k_empty.index((kn + KD - 1) % KD), pred=c > 0)
+        mbarrier.arrive(k_empty.index((n + KD - 1) % KD), pred=c > 0)
         if LEADER:
             mbarrier.arrive(start, pred=(pair == 0) & (c == START_AFTER))
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(q_empty.index((pair * STEPS + STEPS - 1) % QD))
-    mbarrier.arrive(k_empty.index((k_count + STEPS - 1) % KD))
+    mbarrier.arrive(k_empty.index((pair * STEPS + STEPS - 1) % KD))
     return acc
 
 
@@ -142,14 +143,12 @@ def _consumer_partition(
     n_k_blocks = gl.cdiv(n_k_tiles, TILES_PER_BLOCK)
     if WHICH == 1:
         mbarrier.wait(start, 0, pred=n_tiles > 0)  # consumer 0 has tile 0 whenever there are tiles
-    k_count = 0
     for pair in range(gl.cdiv(n_tiles, 2)):
         j = 2 * pair + WHICH
         if j < n_tiles:
             acc = _consume_chunks(
-                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, k_count, STEPS, WHICH == 0
+                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS, WHICH == 0
             )
-            k_count += STEPS
             x = acc * qk_scale
             if j >= unmasked_tiles:  # crosses the causal diagonal or the last key tile
                 u = k_first + j * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(0, mma))
