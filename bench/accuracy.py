@@ -8,8 +8,8 @@ recompilation). Optional selection quality per layer: recall (true attention
 mass inside the blocks the op selects) and oracle density (fewest blocks
 holding tau of it), exact on sampled query blocks of the dense run.
 
-    python bench/accuracy.py --quick            # one length, one depth (~10 min on a 2-core CPU)
-    python bench/accuracy.py --plot accuracy.png
+    python -m bench.accuracy --quick            # one length, one depth (~10 min on a 2-core CPU)
+    python -m bench.accuracy --plot accuracy.png
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 import xflex
+from bench import selection_quality
 from xflex import demo
-from xflex.calibration import sampled_block_mass
-from xflex.op import plan_blocks
+from xflex.demo import compile_seconds
+from xflex.attention import oracle_block_counts, sampled_block_mass
 
 QUICK_LENGTHS = (4096,)
 QUICK_DEPTHS = (0.5,)
@@ -60,21 +61,7 @@ def _config_name(threshold: float, stride: int) -> str:
 # ---------------------------------------------------- selection quality ---
 
 
-def _quality_helpers():
-    """The capture/oracle helpers of bench/selection_quality.py (one
-    implementation), or None when that file is not beside this one."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    try:
-        import selection_quality
-    except ImportError as error:
-        demo.log(f"selection quality skipped: cannot import bench/selection_quality.py ({error})")
-        return None
-    finally:
-        sys.path.pop(0)
-    return selection_quality
-
-
-def _layer_quality(call, configs, block_size: int, samples: int, helpers) -> dict[tuple[float, int], tuple[float, float, float]]:
+def _layer_quality(call, configs, block_size: int, samples: int) -> dict[tuple[float, int], tuple[float, float, float]]:
     """``{(tau, S): (recall, density, oracle density)}`` for one prefill call,
     over ``samples`` query blocks spread over the sequence (the last included)."""
     q, k, _mask, _is_causal, scale = call
@@ -86,11 +73,11 @@ def _layer_quality(call, configs, block_size: int, samples: int, helpers) -> dic
     out = {}
     for threshold, stride in configs:
         config = xflex.Config(threshold=threshold, stride=stride, block_size=block_size, min_seq_len=0)
-        selected = plan_blocks(q, k, None, True, scale, config)[1].selected
+        selected = xflex.plan(q, k, is_causal=True, scale=scale, config=config).selected
         chosen = selected[0][:, q_blocks]
         recall = (mass * chosen).sum(-1).mean().item()
         density = (chosen.sum(-1).float() / visible).mean().item()
-        oracle = (helpers.oracle_counts(mass, threshold).float() / visible).mean().item()
+        oracle = (oracle_block_counts(mass, threshold).float() / visible).mean().item()
         out[(threshold, stride)] = (recall, density, oracle)
     return out
 
@@ -98,20 +85,20 @@ def _layer_quality(call, configs, block_size: int, samples: int, helpers) -> dic
 # ------------------------------------------------------------------ runs ---
 
 
-def _run_length_depth(model, compiled, tokenizer, length, depth, args, helpers):
+def _run_length_depth(model, compiled, tokenizer, length, depth, args):
     """Dense and every sparse setting on one prompt: rows, per-layer quality,
     and the per-layer density each sparse run reported."""
     prompt = demo.build_prompt(tokenizer, tokens=length, depth=depth, seed=args.seed)
     L = prompt.input_ids.shape[1]
     demo.log(f"length {L}, depth {depth}: dense (eager)")
     quality = []
-    if helpers is not None:
-        with helpers.captured_attention_inputs() as calls:
+    if args.samples > 0:
+        with selection_quality.captured_attention_inputs() as calls:
             dense = demo.run_prompt(model, tokenizer, prompt, new_tokens=args.new_tokens)
         prefill_calls = [c for c in calls if c[0].shape[2] == L and c[1].shape[2] == L and c[2] is None and c[3]]
         configs = [(t, s) for t in args.thresholds for s in args.strides]
         demo.log(f"selection quality on {len(prefill_calls)} layers x {len(configs)} settings")
-        quality = [_layer_quality(c, configs, args.block_size, args.samples, helpers) for c in prefill_calls]
+        quality = [_layer_quality(c, configs, args.block_size, args.samples) for c in prefill_calls]
         del calls, prefill_calls
     else:
         dense = demo.run_prompt(model, tokenizer, prompt, new_tokens=args.new_tokens)
@@ -295,7 +282,6 @@ def main(argv=None) -> int:
     # Compiled once; thresholds and strides change at run time, and several
     # lengths share one prefill graph (the prompt length is marked dynamic).
     compiled = demo.compile_sparse(model, block_size=args.block_size)
-    helpers = _quality_helpers() if args.samples > 0 else None
     if args.samples <= 0:
         demo.log("selection quality skipped (--samples 0)")
     configs = [(t, s) for t in args.thresholds for s in args.strides]
@@ -303,16 +289,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for length in args.lengths:
             for depth in args.depths:
-                new_rows, new_quality, layer_density = _run_length_depth(
-                    model, compiled, tokenizer, length, depth, args, helpers
-                )
+                new_rows, new_quality, layer_density = _run_length_depth(model, compiled, tokenizer, length, depth, args)
                 rows += new_rows
                 if new_quality:
                     quality.append(new_quality)
                 for config, values in layer_density.items():
                     densities[config].append(values)
     run_density = {c: [statistics.mean(v) for v in zip(*runs)] for c, runs in densities.items() if runs}
-    compile_s = demo.compile_seconds()
+    compile_s = compile_seconds()
     sections = [
         f"## xflex accuracy: SmolLM2-135M-Instruct, {device}, {str(dtype).removeprefix('torch.')}, block {args.block_size}",
         runs_table(rows),

@@ -7,23 +7,21 @@ threshold 0.9 for strides 8 and 16, with the time split into its stages
 the density, on LLM-like synthetic inputs (bench/synthetic.py). Correctness is
 checked before timing (threshold 1.0 against cuDNN at the smallest length).
 
-    python bench/end_to_end.py [--lengths 8192 32768] [--out table.md]
+    python -m bench.end_to_end [--lengths 8192 32768] [--out table.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from scoring import dense_sdpa, time_ms  # noqa: E402
-from synthetic import llm_like_inputs  # noqa: E402
-
-import xflex  # noqa: E402
-from xflex import op as xop  # noqa: E402
+import xflex
+from bench.common import dense_sdpa, time_ms
+from bench.synthetic import llm_like_inputs
+from xflex.attention import call_pattern, run_flex_attention
+from xflex.planning import call_scores, call_selection
 
 
 def check_correctness(length: int) -> float:
@@ -49,13 +47,12 @@ def bench_length(length: int, strides: list[int], threshold: float, heads: int, 
         config = xflex.Config(threshold=threshold, stride=stride)
         with xflex.sparsity() as stats:
             xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config)
-        pattern = xop.call_pattern(q, k, None, True, config.block_size)
-        t_score = time_ms(lambda: xop._block_scores(q, k, pattern, config, None))
-        scores = xop._block_scores(q, k, pattern, config, None)
-        t_select = time_ms(lambda: xop.select_for_call(scores, pattern, length, length, config, use_triton=True))
-        _, blocks = xop.plan_blocks(q, k, None, True, None, config)
-        block_mask = xop._build_block_mask(blocks, pattern, config.block_size, (length, length), False)
-        t_flex = time_ms(lambda: xop._run_flex(q, k, v, block_mask=block_mask, score_mod=None, scale=None))
+        pattern = call_pattern(q, k, None, True, config.block_size)
+        t_score = time_ms(lambda: call_scores(q, k, pattern, config))
+        scores = call_scores(q, k, pattern, config)
+        t_select = time_ms(lambda: call_selection(scores, pattern, length, length, config))
+        block_mask = xflex.plan(q, k, is_causal=True, config=config).block_mask
+        t_flex = time_ms(lambda: run_flex_attention(q, k, v, block_mask=block_mask))
         t_total = time_ms(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1], config=config))
         rows.append(
             dict(

@@ -2,59 +2,46 @@
 whole xflex op, the BlockMask's own size, and time against cuDNN dense
 (B=1, H=32, D=128, bf16, causal, tau 0.9, LLM-like inputs).
 
-    python bench/long_context.py [--length 262144]
+    python -m bench.long_context [--length 262144]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic import llm_like_inputs  # noqa: E402
-
-import xflex  # noqa: E402
-from xflex import op as xop  # noqa: E402
+import xflex
+from bench.common import peak_extra_mib, time_ms
+from bench.synthetic import llm_like_inputs
+from xflex.attention import call_pattern
+from xflex.planning import call_scores
 
 _BLOCK_SIZE = 128
 
 
-def peak_extra_mib(fn, baseline: int) -> float:
-    """Peak GPU memory while ``fn`` runs, beyond ``baseline`` bytes, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
 def time_once_ms(fn) -> float:
     """One timed run after one warm-up (a 256K call takes 0.1-1 s)."""
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=1, rep=1, return_mode="median")
+    return time_ms(fn, warmup=1, rep=1)
 
 
 def measure(q, k, v, stride: int) -> str:
     length = q.shape[2]
     config = xflex.Config(threshold=0.9, stride=stride, block_size=_BLOCK_SIZE)
-    pattern = xop.call_pattern(q, k, None, True, _BLOCK_SIZE)
+    pattern = call_pattern(q, k, None, True, _BLOCK_SIZE)
     baseline = torch.cuda.memory_allocated()
-    xop.plan_blocks(q, k, None, True, None, config)  # autotune first: its timing allocates a 256 MB L2-flush buffer
-    scoring = peak_extra_mib(lambda: xop._block_scores(q, k, pattern, config, None), baseline)
-    planning = peak_extra_mib(lambda: xop.plan_blocks(q, k, None, True, None, config), baseline)
-    _, blocks = xop.plan_blocks(q, k, None, True, None, config)
-    mask = xop._build_block_mask(blocks, pattern, _BLOCK_SIZE, (length, length), False)
+    xflex.plan(q, k, is_causal=True, config=config)  # autotune first: its timing allocates a 256 MB L2-flush buffer
+    scoring = peak_extra_mib(lambda: call_scores(q, k, pattern, config), baseline)
+    planning = peak_extra_mib(lambda: xflex.plan(q, k, is_causal=True, config=config), baseline)
+    mask = xflex.plan(q, k, is_causal=True, config=config).block_mask
     mask_mib = sum(t.numel() * t.element_size() for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)) / 2**20
-    del mask, blocks
+    del mask
     with xflex.sparsity() as stats:
         whole = peak_extra_mib(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=config), baseline)
     op_ms = time_once_ms(lambda: xflex.sparse_sdpa(q, k, v, is_causal=True, config=config))
-    score_ms = time_once_ms(lambda: xop._block_scores(q, k, pattern, config, None))
+    score_ms = time_once_ms(lambda: call_scores(q, k, pattern, config))
     output_mib = q.numel() * q.element_size() / 2**20
     return (
         f"L={length} S={stride}: density {stats.density:.3f}; peak extra MiB: scoring {scoring:.0f}, "

@@ -2,8 +2,7 @@
 with Antidiagonal Scoring", ICML 2025): fused Triton scoring plus threshold
 selection, timed against dense cuDNN attention on one GPU.
 
-Run ``python -m bench.scoring`` (or ``python bench/scoring.py``) on a CUDA
-machine; ``--quick`` for 8K/16K only, ``--long`` to add 256K, ``--out FILE`` to
+Run ``python -m bench.scoring`` on a CUDA machine; ``--quick`` for 8K/16K only, ``--long`` to add 256K, ``--out FILE`` to
 save the table as markdown. The Triton scores are checked against the
 plain-torch reference at 8K before anything is timed.
 
@@ -14,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic import INPUTS, llm_like_inputs  # noqa: E402,F401  (llm_like_inputs: used by test_bench_scoring)
+import xflex
+from bench.common import best_dense_sdpa, peak_extra_mib, time_ms
+from bench.synthetic import INPUTS
+from xflex.attention import call_pattern, score_blocks, scoring_backend
+from xflex.planning import call_selection
 
 _K = 1024
 _LENGTHS = (8 * _K, 16 * _K, 32 * _K, 64 * _K, 128 * _K)
@@ -32,89 +32,34 @@ _BLOCK_SIZE = 128
 _THRESHOLD = 0.9
 _REFERENCE_MAX_LEN = 32 * _K  # the plain-torch scorer is timed up to here
 _CHECK_LEN = 8 * _K
-# do_bench budgets (ms): a few runs per measurement at 128K keep the default run short.
-_WARMUP_MS, _REP_MS = 25, 100
 
 
-
-
-def score(q, k, stride, kernel="auto"):
-    """The fused scorer on a causal call (``kernel``: see ``antidiagonal_block_scores_triton``)."""
-    from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton
-
-    return antidiagonal_block_scores_triton(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0, kernel=kernel)
+def score(q, k, stride, backend="auto"):
+    """The scorer ``backend`` picks, on a causal call."""
+    return score_blocks(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0, backend=backend)
 
 
 def reference_score(q, k, stride):
-    from xflex.score_mods import antidiagonal_block_scores
-
-    return antidiagonal_block_scores(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0)
+    return score(q, k, stride, backend="torch")
 
 
-def select(scores, q, k, use_triton=True, threshold=_THRESHOLD):
-    """``(KVBlocks, visible)``: what ``xflex.op.plan_blocks`` does after scoring
-    on a causal call (the fused Triton kernel, or the torch ops with
-    ``use_triton=False``); ``visible`` is the causal block visibility."""
-    import xflex
-    from xflex.op import select_for_call
-    from xflex.pattern import call_pattern
-
+def select(scores, q, k, backend="auto", threshold=_THRESHOLD):
+    """``(KVBlocks, visible)``: what the op does after scoring on a causal
+    call (``backend="torch"``: the reference); ``visible`` is the causal
+    block visibility."""
     pattern = call_pattern(q, k, None, True, _BLOCK_SIZE)
-    config = xflex.Config(threshold=threshold, block_size=_BLOCK_SIZE)
-    blocks = select_for_call(scores, pattern, q.shape[2], k.shape[2], config, use_triton=use_triton)
+    config = xflex.Config(threshold=threshold, block_size=_BLOCK_SIZE, backend=backend)
+    blocks = call_selection(scores, pattern, q.shape[2], k.shape[2], config)
     return blocks, pattern.visibility.any
 
 
-def dense_attention(q, k, v):
-    """``(name, fn)``: causal SDPA on cuDNN, else FlashAttention, whichever runs."""
-    from torch.nn.attention import SDPBackend
-
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-        run = dense_sdpa(q, k, v, backend)
-        try:
-            run()
-        except RuntimeError:
-            continue
-        return name, run
-    raise RuntimeError("neither cuDNN nor FlashAttention SDPA runs on this GPU/torch")
-
-
-def dense_sdpa(q, k, v, backend):
-    """A causal SDPA call on one backend (GQA when the head counts differ)."""
-    from torch.nn.attention import sdpa_kernel
-
-    def run():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-    return run
-
-
-def time_ms(fn) -> float:
-    """Median GPU time of ``fn`` (triton.testing.do_bench, L2 flushed per run)."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=_WARMUP_MS, rep=_REP_MS, return_mode="median")
-
-
-def peak_extra_mib(fn) -> float:
-    """Peak GPU memory ``fn`` allocates beyond what is live before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    del result
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def check_against_reference(kinds, heads, kv_heads, kernel="auto") -> None:
+def check_against_reference(kinds, heads, kv_heads, backend="auto") -> None:
     """Triton scores equal the reference on the same bf16 inputs (only
     summation order differs); raises before any timing otherwise."""
     for kind in kinds:
         q, k, _ = INPUTS[kind](_CHECK_LEN, heads=heads, kv_heads=kv_heads)
         for stride in _STRIDES:
-            got, want = score(q, k, stride, kernel), reference_score(q, k, stride)
+            got, want = score(q, k, stride, backend), reference_score(q, k, stride)
             diff = (got - want).abs()
             print(f"check {kind} L={_CHECK_LEN} S={stride}: max diff {diff.max().item():.3g}, mean {diff.mean().item():.3g}")
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -130,47 +75,47 @@ def describe(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flat}"
 
 
-def _kernel_config(q, k, stride, kernel) -> str:
+def _kernel_config(q, k, stride, backend) -> str:
     """The scorer that ran, as a table cell: the Gluon kernel's config, or the
     Triton autotuner's pick."""
-    from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel, scoring_kernel
+    from xflex.attention.scoring import triton_kernel
 
-    if scoring_kernel(q, k, stride=stride, kernel=kernel) == "gluon":
-        from xflex.score_mods.antidiagonal_gluon import CONFIG, KEY_RANGE
+    if scoring_backend(q, k, stride=stride, backend=backend) == "gluon":
+        from xflex.attention.scoring.gluon_kernel import CONFIG, KEY_RANGE
 
         settings = CONFIG | {"KEY_RANGE": KEY_RANGE}
         return "gluon " + " ".join(f"{key.lower()}={value}" for key, value in settings.items())
-    return describe(_antidiagonal_scores_kernel.best_config)
+    return describe(triton_kernel.scores_kernel.best_config)
 
 
-def run_case(length, kinds, heads, kv_heads, head_dim=128, kernel="auto"):
+def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto"):
     """Table rows for one length: one per (stride, input kind)."""
-    from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel
+    from xflex.attention.scoring import triton_kernel
 
     # The autotuner's key leaves out the length: tune afresh so each row shows its best config.
-    _antidiagonal_scores_kernel.cache.clear()
+    triton_kernel.scores_kernel.cache.clear()
     rows, dense_ms = [], None
     causal_pairs = length * (length + 1) / 2
     for kind in kinds:
         q, k, v = INPUTS[kind](length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
         if dense_ms is None:  # the dense time does not depend on the values
-            dense_name, dense = dense_attention(q, k, v)
+            dense_name, dense = best_dense_sdpa(q, k, v)
             dense_ms = time_ms(dense)
             dense_tflops = _tflops(4 * heads * causal_pairs * head_dim, dense_ms)
         for stride in _STRIDES:
-            scores = score(q, k, stride, kernel)  # compiles and autotunes outside the timing
-            score_ms = time_ms(lambda: score(q, k, stride, kernel))
+            scores = score(q, k, stride, backend)  # compiles and autotunes outside the timing
+            score_ms = time_ms(lambda: score(q, k, stride, backend))
             reduced_pairs = math.ceil(length / stride) * (math.ceil(length / stride) + 1) / 2
             score_tflops = _tflops(2 * heads * reduced_pairs * stride * head_dim, score_ms)
             select_ms = time_ms(lambda: select(scores, q, k))
-            torch_select_ms = time_ms(lambda: select(scores, q, k, use_triton=False))
+            torch_select_ms = time_ms(lambda: select(scores, q, k, backend="torch"))
             blocks, visible = select(scores, q, k)
-            reference_blocks, _ = select(scores, q, k, use_triton=False)
+            reference_blocks, _ = select(scores, q, k, backend="torch")
             differing = (blocks.selected != reference_blocks.selected).sum().item()
             density = blocks.selected.sum().item() / (visible.sum().item() * heads)
             ref_ms = time_ms(lambda: reference_score(q, k, stride)) if length <= _REFERENCE_MAX_LEN else None
             scores = blocks = reference_blocks = None  # freed for the memory probe (lambdas above use them)
-            mib = peak_extra_mib(lambda: select(score(q, k, stride, kernel), q, k))
+            mib = peak_extra_mib(lambda: select(score(q, k, stride, backend), q, k))
             rows.append(
                 dict(
                     L=f"{length // _K}K",
@@ -185,7 +130,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, kernel="auto"):
                     density=f"{density:.2f}",
                     reference="-" if ref_ms is None else f"{ref_ms:.2f}",
                     memory=f"{mib:.0f}",
-                    config=_kernel_config(q, k, stride, kernel),
+                    config=_kernel_config(q, k, stride, backend),
                 )
             )
             print(" | ".join(str(x) for x in rows[-1].values()), flush=True)
@@ -229,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     parser.add_argument(
-        "--kernel", choices=["auto", "triton", "gluon"], default="auto", help="scorer (default auto: Gluon on Hopper)"
+        "--backend", choices=["auto", "triton", "gluon"], default="auto", help="scorer (default auto: Gluon on Hopper)"
     )
     args = parser.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
@@ -249,14 +194,14 @@ def main(argv=None) -> None:
     title = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
         f"B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD}, "
-        f"kernel {args.kernel}"
+        f"backend {args.backend}"
     )
     print(title)
-    check_against_reference(args.kinds, args.heads, args.kv_heads, args.kernel)
+    check_against_reference(args.kinds, args.heads, args.kv_heads, args.backend)
     print(" | ".join(_HEADER.values()))
     rows = []
     for length in args.lengths:
-        rows += run_case(length, args.kinds, args.heads, args.kv_heads, kernel=args.kernel)
+        rows += run_case(length, args.kinds, args.heads, args.kv_heads, backend=args.backend)
     table = markdown_table(rows)
     print()
     print(table)

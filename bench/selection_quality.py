@@ -7,8 +7,8 @@ Recall and oracle are exact on sampled query blocks (true softmax rows over
 all keys). Variants change the selection rules or the scorer's softmax
 temperature, so their numbers can be compared side by side.
 
-    python bench/selection_quality.py [--tokens 7000] [--samples 12] [--out table.md]
-    python bench/selection_quality.py --per-layer-target 0.9   # calibrated per-layer tau vs global tau
+    python -m bench.selection_quality [--tokens 7000] [--samples 12] [--out table.md]
+    python -m bench.selection_quality --per-layer-target 0.9   # calibrated per-layer tau vs global tau
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 import xflex
 from xflex import demo
-from xflex.calibration import sampled_block_mass
-from xflex.op import plan_blocks
+from xflex.attention import oracle_block_counts, sampled_block_mass
 
 
 @contextlib.contextmanager
@@ -42,12 +41,6 @@ def captured_attention_inputs():
         yield calls
     finally:
         F.scaled_dot_product_attention = original
-
-
-def oracle_counts(mass: torch.Tensor, tau: float) -> torch.Tensor:
-    ranked = mass.sort(-1, descending=True).values
-    before = ranked.cumsum(-1) - ranked
-    return (before < tau).sum(-1)
 
 
 VARIANTS = {
@@ -84,12 +77,12 @@ def measure(calls, length, block_size, samples, settings_for_layer):
     per_layer = []
     for layer, (q, k, scale) in enumerate(calls):
         mass = sampled_block_mass(q, k, None, True, scale, block_size, q_blocks)[0]
-        oracle = (oracle_counts(mass, 0.9).float() / visible).mean().item()
+        oracle = (oracle_block_counts(mass, 0.9).float() / visible).mean().item()
         results = {}
         for name, (settings, temperature) in settings_for_layer(layer).items():
             config = xflex.Config(block_size=block_size, **settings)
             # Only the scorer sees the scale: scaling it is a scorer temperature.
-            chosen = plan_blocks(q, k, None, True, scale * temperature, config)[1].selected[0][:, q_blocks]
+            chosen = xflex.plan(q, k, is_causal=True, scale=scale * temperature, config=config).selected[0][:, q_blocks]
             results[name] = ((mass * chosen).sum(-1).mean().item(), (chosen.sum(-1).float() / visible).mean().item())
         per_layer.append((oracle, results))
         demo.log(f"layer {layer}: oracle {oracle:.3f} " + " ".join(f"{n}={r:.2f}/{d:.2f}" for n, (r, d) in results.items()))

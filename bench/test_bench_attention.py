@@ -4,17 +4,12 @@ same run (ratios, not absolute times, are what these shared GPUs can tell).
     pytest bench/test_bench_attention.py --benchmark-columns=median,iqr
 """
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from synthetic import llm_like_inputs  # noqa: E402
-
-import xflex  # noqa: E402
+import xflex
+from bench.synthetic import llm_like_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 LENGTHS = [8192, 32768]

@@ -10,9 +10,6 @@ median of its length, measured in this run) and the selection density. Each
 scoring case is checked against the reference before it is timed.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -20,8 +17,9 @@ pytest.importorskip("triton", reason="triton is an optional dependency (pip inst
 if not torch.cuda.is_available():
     pytest.skip("the benchmarks time GPU kernels: they need CUDA", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
-import scoring  # noqa: E402
+from bench import scoring  # noqa: E402
+from bench.common import best_dense_sdpa, time_ms  # noqa: E402
+from bench.synthetic import llm_like_inputs  # noqa: E402
 
 _K = 1024
 _LENGTHS = [8 * _K, 16 * _K, 32 * _K, 64 * _K, 128 * _K]
@@ -31,9 +29,9 @@ _ROUNDS, _WARMUP_ROUNDS = 10, 2
 
 @pytest.fixture(scope="module", params=_LENGTHS, ids=lambda n: f"L{n // _K}K")
 def inputs(request):
-    q, k, v = scoring.llm_like_inputs(request.param)
-    _, dense = scoring.dense_attention(q, k, v)
-    return q, k, v, scoring.time_ms(dense)
+    q, k, v = llm_like_inputs(request.param)
+    _, dense = best_dense_sdpa(q, k, v)
+    return q, k, v, time_ms(dense)
 
 
 def _bench(benchmark, fn, dense_ms):
@@ -81,20 +79,20 @@ def test_torch_reference_scoring(benchmark, inputs, stride):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["triton", "torch"])
-def test_selection(benchmark, inputs, kernel):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_selection(benchmark, inputs, backend):
     q, k, _, dense_ms = inputs
     scores = scoring.score(q, k, 16)
     benchmark.group = f"selection L={q.shape[2] // _K}K"
-    blocks, _ = _bench(benchmark, lambda: scoring.select(scores, q, k, use_triton=kernel == "triton"), dense_ms)
-    reference, _ = scoring.select(scores, q, k, use_triton=False)
+    blocks, _ = _bench(benchmark, lambda: scoring.select(scores, q, k, backend=backend), dense_ms)
+    reference, _ = scoring.select(scores, q, k, backend="torch")
     benchmark.extra_info["blocks_unlike_torch"] = (blocks.selected != reference.selected).sum().item()
 
 
 @pytest.mark.gpu
 def test_dense_attention(benchmark, inputs):
     q, k, v, dense_ms = inputs
-    name, dense = scoring.dense_attention(q, k, v)
+    name, dense = best_dense_sdpa(q, k, v)
     benchmark.group = f"scoring+selection L={q.shape[2] // _K}K"
     benchmark.extra_info["backend"] = name
     _bench(benchmark, dense, dense_ms)

@@ -35,8 +35,8 @@ def compiled():
 
 def test_every_sdpa_call_is_rewritten(compiled):
     report = xflex.last_compile_report()
-    assert len(report) == 3 and all(entry["rewritten"] for entry in report)
-    assert [entry["gqa_unrepeated"] for entry in report] == [1, 1, 2]  # repeat_kv undone
+    assert len(report) == 3 and all(entry.rewritten for entry in report)
+    assert [entry.gqa_unrepeated for entry in report] == [1, 1, 2]  # repeat_kv undone
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import xflex
-from xflex.calibration import sample_query_blocks, sampled_block_mass
+from xflex.attention import sample_query_blocks, sampled_block_mass
 
 CONFIG = xflex.Config(block_size=64, min_seq_len=0)
 
@@ -100,7 +100,7 @@ def test_recall_agrees_with_an_independent_count():
     _, x = _peaky_and_flat_inputs()
     with xflex.calibration(thresholds=(0.6,), samples=4) as cal:
         xflex.sparse_sdpa(x, x, x, is_causal=True, config=CONFIG, name="call")
-    selected = xflex.op.plan_blocks(x, x, None, True, None, xflex.Config(block_size=64, min_seq_len=0, threshold=0.6))[1].selected
+    selected = xflex.plan(x, x, is_causal=True, config=xflex.Config(block_size=64, min_seq_len=0, threshold=0.6)).selected
     q_blocks = sample_query_blocks(selected.shape[2], 4)
     mass = _reference_block_mass(x, x, torch.ones(512, 512, dtype=torch.bool).tril(), 0.25, 64, q_blocks)
     expected = (mass * selected[:, :, q_blocks]).sum(-1).mean().item()

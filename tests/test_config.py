@@ -25,7 +25,7 @@ import xflex
         ({"keep_sink": 1}, "keep_sink"),
         ({"keep_recent": -64}, "keep_recent"),
         ({"enabled": "yes"}, "enabled"),
-        ({"scorer": "cuda"}, "scorer"),
+        ({"backend": "cuda"}, "backend"),
         ({"unknown": 1}, "unknown"),
     ],
 )
@@ -38,12 +38,32 @@ def test_sparsity_rejects_bad_values_before_running_anything():
     with pytest.raises(ValueError, match="stride"):
         with xflex.sparsity(stride=3):
             pass
-    with pytest.raises(ValueError, match="block_size"):
-        with xflex.sparsity(block_size=64):
+    # block_size is fixed when the model is compiled: sparsity() has no such keyword.
+    with pytest.raises(TypeError, match="block_size"):
+        with xflex.sparsity(block_size=64):  # type: ignore[call-arg]
             pass
     with pytest.raises(ValueError, match="threshold"):
         with xflex.sparsity(threshold=2):
             pass
+
+
+def test_sparsity_takes_every_run_time_option_and_keeps_unset_ones_apart():
+    import inspect
+
+    from xflex.config import RUNTIME_OPTIONS
+
+    parameters = inspect.signature(xflex.sparsity).parameters
+    assert set(parameters) == set(RUNTIME_OPTIONS)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is xflex.UNSET for p in parameters.values())
+    defaults = xflex.Config(block_size=64)
+    with xflex.sparsity(threshold=0.5):
+        with xflex.sparsity(stride=4):  # leaves threshold as the outer block set it
+            inner = xflex.context.effective_config(defaults)
+        with xflex.sparsity(keep_sink=False, keep_recent=0):  # False and 0 are values, not "unset"
+            falsy = xflex.context.effective_config(xflex.Config(block_size=64, keep_recent=64))
+    assert (inner.threshold, inner.stride, inner.block_size) == (0.5, 4, 64)
+    assert (falsy.keep_sink, falsy.keep_recent) == (False, 0)
+    assert xflex.context.effective_config(defaults) == defaults
 
 
 def test_threshold_by_call_first_matching_pattern_wins_and_survives_the_graph_key():

@@ -237,7 +237,7 @@ class Compiled:
     inputs: dict[str, object]
     expected: torch.Tensor  # eager output
     eager_masks: list[str | None]  # attn_mask of each eager SDPA call
-    report: list[dict[str, object]]  # xflex.last_compile_report() right after compiling
+    report: list[xflex.CompiledCall]  # xflex.last_compile_report() right after compiling
     graphs: int  # graphs the xattn backend compiled for the model
     first_call: xflex.SparsityStats  # the compiling call, at default settings
 
@@ -263,14 +263,14 @@ def _spy_sdpa() -> Iterator[list[str | None]]:
 def _recorded_selections() -> Iterator[list[tuple[object, torch.Tensor]]]:
     """Record ``(pattern, selected)`` of each sparse call, in call order."""
     seen: list[tuple[object, torch.Tensor]] = []
-    original = xflex.op.plan_blocks
+    original = xflex.op.plan
 
     def spy(*args, **kwargs):
-        pattern, blocks = original(*args, **kwargs)
-        seen.append((pattern, blocks.selected))
-        return pattern, blocks
+        call_plan = original(*args, **kwargs)
+        seen.append((call_plan.pattern, call_plan.selected))
+        return call_plan
 
-    with mock.patch.object(xflex.op, "plan_blocks", spy):
+    with mock.patch.object(xflex.op, "plan", spy):
         yield seen
 
 
@@ -312,8 +312,8 @@ def test_every_attention_call_is_accounted_for(compiled_models, name):
     model = compiled_models(name)
     sites = model.case.sites
     assert model.graphs == 1, f"{name} compiled to {model.graphs} graphs (graph breaks?)"
-    assert [entry["name"] for entry in model.report] == list(sites)
-    assert all(entry["rewritten"] for entry in model.report), model.report
+    assert [entry.name for entry in model.report] == list(sites)
+    assert all(entry.rewritten for entry in model.report), model.report
     assert model.eager_masks == [site.mask for site in sites.values()]
     records = model.first_call.records
     assert [r.name for r in records] == list(sites)

@@ -10,7 +10,6 @@ from models import TinyTransformer, count_xattn_compiles
 from reference import attention_ref, blocks_to_elements, causal_visible
 
 import xflex
-from xflex.op import plan_blocks
 
 HAS_CUDA = torch.cuda.is_available()
 BLOCK = 64
@@ -63,7 +62,7 @@ def test_corner_cases_match_the_reference(call, seed):
         assert q_len < BLOCK
         assert torch.equal(out, sdpa)
         return
-    selected = plan_blocks(q, k, None, causal, None, config)[1].selected
+    selected = xflex.plan(q, k, is_causal=causal, config=config).selected
     visible = causal_visible(q_len, kv_len) if causal else torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
     ref = attention_ref(q, k, v, visible=visible & blocks_to_elements(selected, q_len, kv_len, BLOCK))
     tol = 1e-5 if dtype == torch.float32 else 2 * (sdpa.double() - attention_ref(q, k, v, visible=visible)).abs().max().item() + 1e-3
@@ -136,7 +135,7 @@ def test_random_settings_give_the_right_answer_or_a_clear_error(
     if stats.dense_calls:
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         return
-    selected = plan_blocks(q, k, None, True, None, config)[1].selected
+    selected = xflex.plan(q, k, is_causal=True, config=config).selected
     visible = causal_visible(q_len, q_len) & blocks_to_elements(selected, q_len, q_len, BLOCK)
     torch.testing.assert_close(out.double(), attention_ref(q, k, v, visible=visible), rtol=1e-5, atol=1e-5)
 
@@ -166,7 +165,7 @@ def test_attention_dropout_in_training_stays_dense():
 
     torch.compile(attend, backend="xattn")(torch.randn(1, 2, 128, 16))
     (entry,) = xflex.last_compile_report()
-    assert not entry["rewritten"] and "dropout" in entry["reason"]
+    assert not entry.rewritten and "dropout" in entry.reason
     torch._dynamo.reset()
 
 
@@ -184,7 +183,7 @@ def test_gpu_gradients_through_the_sparse_path(threshold):
     if threshold == 1.0:
         expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
     else:  # gradients of dense attention restricted to the selected blocks
-        selected = plan_blocks(q, k, None, True, None, config)[1].selected
+        selected = xflex.plan(q, k, is_causal=True, config=config).selected
         visible = (causal_visible(700, 700).cuda() & blocks_to_elements(selected, 700, 700, 128))
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible)
         expected = torch.autograd.grad(ref, (q, k, v), grad.double())

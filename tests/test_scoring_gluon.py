@@ -1,6 +1,6 @@
 """The Gluon (Hopper) antidiagonal scorer against the plain-torch reference,
 and the dispatch between it and the Triton kernel. Needs a Hopper GPU: Gluon
-has no CPU interpreter (tests/test_sass_report.py compiles it without one)."""
+has no CPU interpreter (bench/tools/test_sass_report.py compiles it without one)."""
 
 import math
 from unittest import mock
@@ -14,8 +14,9 @@ pytest.importorskip("triton.experimental.gluon", reason="needs a Triton with Glu
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from xflex.score_mods import antidiagonal_block_scores, antidiagonal_gluon  # noqa: E402
-from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton, scoring_kernel  # noqa: E402
+from xflex.attention.scoring import antidiagonal_block_scores, gluon_kernel, scoring_backend  # noqa: E402
+from xflex.attention.scoring import triton_kernel  # noqa: E402
+from xflex.attention.scoring.triton_kernel import antidiagonal_block_scores_triton  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +31,7 @@ def _inputs(batch, hq, hkv, q_len, kv_len, head_dim, dtype, seed=0):
 def _assert_matches_reference(q, k, **kwargs):
     """Same bf16/fp16 inputs as the reference: only summation order (and
     lg2.approx) differ, as for the Triton kernel's GPU tests."""
-    got = antidiagonal_block_scores_triton(q, k, kernel="gluon", **kwargs)
+    got = antidiagonal_block_scores_triton(q, k, use_gluon=True, **kwargs)
     want = antidiagonal_block_scores(q, k, **kwargs)
     print(f"max diff {(got - want).abs().max().item():.3g}")
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -49,7 +50,7 @@ def _case(draw):
     causal = draw(st.sampled_from([None, 0, kv_len - q_len]))
     # Reduced key rows a program takes: the shipped range is one program per
     # row block at these lengths; 256 (one pair of key tiles) splits rows into many.
-    key_range = draw(st.sampled_from([256, 512, antidiagonal_gluon.KEY_RANGE]))
+    key_range = draw(st.sampled_from([256, 512, gluon_kernel.KEY_RANGE]))
     return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range
 
 
@@ -58,20 +59,18 @@ def _case(draw):
 def test_matches_reference(case, seed):
     stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range = case
     q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, dtype, seed)
-    with mock.patch.object(antidiagonal_gluon, "KEY_RANGE", key_range):
+    with mock.patch.object(gluon_kernel, "KEY_RANGE", key_range):
         _assert_matches_reference(q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal)
 
 
-@pytest.mark.parametrize("key_range", [256, antidiagonal_gluon.KEY_RANGE])
+@pytest.mark.parametrize("key_range", [256, gluon_kernel.KEY_RANGE])
 @pytest.mark.parametrize("causal_offset", [None, 0])
 def test_many_key_tiles_and_chunks(causal_offset, key_range, monkeypatch):
     # 16K tokens at S=8: 2048 reduced key rows, one key range or eight; a
     # small scratch budget makes several query chunks (tile_start > 0, each
     # reaching more ranges under the causal mask) share one scratch and row_lse.
-    from xflex.score_mods import antidiagonal_triton
-
-    monkeypatch.setattr(antidiagonal_triton, "_SCRATCH_BYTES", 2**20)
-    monkeypatch.setattr(antidiagonal_gluon, "KEY_RANGE", key_range)
+    monkeypatch.setattr(triton_kernel, "_SCRATCH_BYTES", 2**20)
+    monkeypatch.setattr(gluon_kernel, "KEY_RANGE", key_range)
     q, k = _inputs(1, 8, 2, 16384, 16384, 128, torch.bfloat16)
     _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=causal_offset)
 
@@ -94,10 +93,10 @@ def test_non_contiguous_inputs():
 def test_auto_takes_gluon_for_long_calls_only():
     # Short calls are launch-bound, where the Triton kernel's launch is cheaper.
     long = torch.empty(1, 1, 65536, 128, dtype=torch.bfloat16, device="cuda").expand(1, 32, -1, -1)
-    assert scoring_kernel(long, long, stride=8) == "gluon"
+    assert scoring_backend(long, long, stride=8) == "gluon"
     short = long[:, :, :8192]
-    assert scoring_kernel(short, short, stride=8) == "triton"
-    assert scoring_kernel(short, short, stride=8, kernel="gluon") == "gluon"
+    assert scoring_backend(short, short, stride=8) == "triton"
+    assert scoring_backend(short, short, stride=8, backend="gluon") == "gluon"
 
 
 @pytest.mark.parametrize(
@@ -115,6 +114,6 @@ def test_falls_back_to_triton_where_it_cannot_run(change, reason):
     q, k = _inputs(1, 4, 4, args["q_len"], 4096, args["head_dim"], args["dtype"])
     if block_visible:
         block_visible = torch.ones(1, 1, math.ceil(q.shape[2] / 128), 32, dtype=torch.bool, device="cuda")
-    assert scoring_kernel(q, k, stride=8, block_visible=block_visible) == "triton"
+    assert scoring_backend(q, k, stride=8, block_visible=block_visible) == "triton"
     with pytest.raises(ValueError, match=reason):
-        scoring_kernel(q, k, stride=8, block_visible=block_visible, kernel="gluon")
+        scoring_backend(q, k, stride=8, block_visible=block_visible, backend="gluon")

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from reference import antidiagonal_scores_naive
 
-from xflex.score_mods import antidiagonal_block_scores
+from xflex.attention.scoring import antidiagonal_block_scores
 
 
 @st.composite

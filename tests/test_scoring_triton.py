@@ -24,22 +24,23 @@ if not _CUDA and _TRITON_IMPORTED_EARLIER and type(triton.language.zeros).__name
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from xflex.score_mods import antidiagonal_block_scores, causal_block_visibility  # noqa: E402
-from xflex.score_mods import antidiagonal_triton  # noqa: E402
-from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton  # noqa: E402
-from xflex.selection import forced_blocks, select_blocks  # noqa: E402
+from xflex.attention.masks import causal_block_visibility  # noqa: E402
+from xflex.attention.scoring import antidiagonal_block_scores, score_blocks  # noqa: E402
+from xflex.attention.scoring import triton_kernel  # noqa: E402
+from xflex.attention.scoring.triton_kernel import antidiagonal_block_scores_triton  # noqa: E402
+from xflex.attention.selection import forced_blocks, select_blocks  # noqa: E402
 
 # The kernel takes log2(0) = -inf for blocks without mass; numpy warns in the interpreter.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
 
 _DEVICE = torch.device("cuda" if _CUDA else "cpu")
-_KERNEL = antidiagonal_triton._antidiagonal_scores_kernel
+_KERNEL = triton_kernel.scores_kernel
 # 128x256 unflattened, one of the two configs that win from 16K up
 # (bench/RESULTS.md): on a GPU every test but the per-config one runs only it,
 # so a shape costs one compile, not seven compiles and a timing sweep.
 _PINNED_CONFIG = next(
     c
-    for c in antidiagonal_triton._CONFIGS
+    for c in triton_kernel.CONFIGS
     if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["FLATTEN"]) == (128, 256, False)
 )
 # The small cases run fp32 in the interpreter and fp16 on a GPU: the tensor-core
@@ -59,9 +60,6 @@ def _use_configs(monkeypatch, configs):
 def _triton_kernel_with_pinned_config(monkeypatch):
     if _CUDA:  # the interpreter already runs one config (the smallest)
         _use_configs(monkeypatch, [_PINNED_CONFIG])
-    # This module tests the Triton kernel; "auto" would pick the Gluon one on a
-    # Hopper GPU where it can (tested in test_scoring_gluon.py).
-    monkeypatch.setattr(antidiagonal_triton, "_gluon_unsupported_reason", lambda *args: "testing the Triton kernel")
 
 
 def _inputs(batch, hq, hkv, q_len, kv_len, head_dim, *, seed=0, dtype=_SMALL_DTYPE):
@@ -145,7 +143,7 @@ def test_many_key_blocks(causal_offset):
     _assert_matches_reference(q, k, stride=4, block_size=4, causal_offset=causal_offset)
 
 
-@pytest.mark.parametrize("config", antidiagonal_triton._CONFIGS, ids=str)
+@pytest.mark.parametrize("config", triton_kernel.CONFIGS, ids=str)
 def test_every_config(config, monkeypatch):
     """Each config the autotuner may pick, on a ragged GQA query chunk (bf16
     on a GPU; the interpreter's bf16 dot is wrong, so fp32 on the CPU)."""
@@ -222,7 +220,7 @@ def test_half_precision_inputs():
 
 def test_query_chunks_share_one_scratch(monkeypatch):
     """A scratch budget below one chunk forces one launch per 128 query tiles."""
-    monkeypatch.setattr(antidiagonal_triton, "_SCRATCH_BYTES", 1)
+    monkeypatch.setattr(triton_kernel, "_SCRATCH_BYTES", 1)
     q, k = _inputs(1, 2, 1, 590, 600, 16)
     _assert_matches_reference(q, k, stride=4, block_size=64, causal_offset=10)
 
@@ -244,8 +242,8 @@ def test_empty_inputs():
         (dict(block_visible=torch.ones(3, 1, 2, 2, dtype=torch.bool)), "block_visible"),
         (dict(scale=float("nan")), "scale"),
         (dict(hq=3), "query heads"),
-        (dict(kernel="cuda"), "kernel must be one of"),
-        (dict(kernel="gluon"), "kernel='gluon' cannot score these inputs"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(backend="gluon"), "backend='gluon' cannot score these inputs"),
     ],
 )
 def test_invalid_arguments_raise(change, message):
@@ -253,9 +251,9 @@ def test_invalid_arguments_raise(change, message):
     k = k.to(change.get("k_dtype", k.dtype))
     visible = change.get("block_visible")
     kwargs = dict(stride=8, block_size=change.get("block_size", 64), scale=change.get("scale"))
-    kwargs["kernel"] = change.get("kernel", "auto")
+    kwargs["backend"] = change.get("backend", "triton")
     with pytest.raises(ValueError, match=message):
-        antidiagonal_block_scores_triton(q, k, block_visible=None if visible is None else visible.to(_DEVICE), **kwargs)
+        score_blocks(q, k, block_visible=None if visible is None else visible.to(_DEVICE), **kwargs)
 
 
 def _assert_near_greedy(selected, scores, *, visible, forced, tau, tol):

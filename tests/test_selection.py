@@ -3,8 +3,8 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from xflex.selection import forced_blocks, select_blocks, to_kv_blocks
-from xflex.score_mods import causal_block_visibility
+from xflex.attention.masks import causal_block_visibility
+from xflex.attention.selection import forced_blocks, select_blocks, to_kv_blocks
 
 
 @st.composite
@@ -111,14 +111,14 @@ def test_to_kv_blocks_orders_selected_blocks_first():
 
 
 def test_row_chunking_changes_nothing(monkeypatch):
-    import xflex.selection
+    from xflex.attention.selection import reference
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(2, 3, 37, 29, generator=gen) ** 4
     visible, forced = torch.rand(1, 1, 37, 29, generator=gen) > 0.2, torch.rand(1, 1, 37, 29, generator=gen) > 0.9
     whole = select_blocks(scores, visible=visible, forced=forced, threshold=0.7)
     whole_kv = to_kv_blocks(whole)
-    monkeypatch.setattr(xflex.selection, "_CHUNK_ELEMENTS", 100)  # 1 row of 2*3*29 per chunk
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 100)  # 1 row of 2*3*29 per chunk
     chunked = select_blocks(scores, visible=visible, forced=forced, threshold=0.7)
     assert torch.equal(whole, chunked)
     assert all(torch.equal(a, b) for a, b in zip(whole_kv, to_kv_blocks(chunked)))

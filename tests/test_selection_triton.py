@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 pytest.importorskip("triton", reason="triton is an optional dependency (pip install 'xflex[triton]')")
 
-from xflex.score_mods import causal_block_visibility  # noqa: E402
-from xflex.selection import forced_blocks, select_kv_blocks  # noqa: E402
+from xflex.attention.masks import causal_block_visibility  # noqa: E402
+from xflex.attention.selection import forced_blocks, select_kv_blocks  # noqa: E402
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -25,8 +25,8 @@ def _dyadic_scores(shape, gen):
 
 
 def _assert_same_as_torch(scores, **kwargs):
-    got = select_kv_blocks(scores.to(_DEVICE), use_triton=True, **{k: _to_device(v) for k, v in kwargs.items()})
-    want = select_kv_blocks(scores, use_triton=False, **kwargs)
+    got = select_kv_blocks(scores.to(_DEVICE), backend="triton", **{k: _to_device(v) for k, v in kwargs.items()})
+    want = select_kv_blocks(scores, backend="torch", **kwargs)
     for name, g, w in zip(want._fields, got, want):
         assert torch.equal(g.cpu(), w), f"{name} differs from the torch selection"
     return want

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from reference import attention_ref, blocks_to_elements, causal_visible
 
 import xflex
-from xflex.op import plan_blocks
 
 BLOCK = 64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -69,7 +68,7 @@ def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv, config=config)
     assert stats.dense_calls == [], stats.dense_calls[0].dense_reason
-    selected = plan_blocks(q, k, mask, is_causal, None, config)[1].selected
+    selected = xflex.plan(q, k, mask, is_causal, config=config).selected
     kept = visible & blocks_to_elements(selected.cpu(), q_len, kv_len, BLOCK)
     ref = attention_ref(q.cpu(), k.cpu(), v.cpu(), visible=kept.cpu(), bias=bias)
     out = out.cpu()

@@ -111,8 +111,8 @@ def test_plain_prefill_rewrites_every_sdpa_call(causal_report):
     report, stats = causal_report
     print(report)
     assert len(report) == LAYERS
-    assert all(entry["rewritten"] for entry in report), report
-    assert all(entry["gqa_unrepeated"] == 1 for entry in report)  # HF already used enable_gqa
+    assert all(entry.rewritten for entry in report), report
+    assert all(entry.gqa_unrepeated == 1 for entry in report)  # HF already used enable_gqa
     assert len(stats.sparse_calls) == LAYERS
     assert all(r.key_shape[1] == 2 for r in stats.records)  # 2 KV heads reach the op
 
@@ -121,8 +121,8 @@ def test_masked_prefill_undoes_repeat_kv(masked_report):
     report, stats = masked_report
     print(report)
     assert len(report) == LAYERS
-    assert all(entry["rewritten"] for entry in report), report
-    assert all(entry["gqa_unrepeated"] == 2 for entry in report), "repeat_kv before the masked SDPA was not undone"
+    assert all(entry.rewritten for entry in report), report
+    assert all(entry.gqa_unrepeated == 2 for entry in report), "repeat_kv before the masked SDPA was not undone"
     assert len(stats.sparse_calls) == LAYERS
     assert all(r.query_shape[1] == 4 and r.key_shape[1] == 2 for r in stats.records)
 
@@ -237,7 +237,7 @@ def test_smollm2_threshold_one_matches_eager(smollm2):
     with xflex.sparsity(threshold=1.0) as stats:
         logits = smollm2["compiled"](input_ids=smollm2["ids"]).logits
     assert len(stats.sparse_calls) == 30 and stats.density == 1.0
-    assert all(entry["rewritten"] for entry in xflex.last_compile_report())
+    assert all(entry.rewritten for entry in xflex.last_compile_report())
     _assert_close(logits, smollm2["expected"], smollm2["tolerance"], "SmolLM2 threshold 1.0")
 
 

@@ -3,22 +3,44 @@ op, then hand the graph to Inductor."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
+from .torch_internals import compile_fx, inductor_mode_options, inductor_option_names
 from .config import Config
 from .passes import SdpaCall, rewrite_sdpa
 
-__all__ = ["xattn", "split_options", "last_compile_report"]
+__all__ = ["CompiledCall", "last_compile_report", "split_options", "xattn"]
 
 log = logging.getLogger("xflex")
 
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_last_report: list[dict[str, object]] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledCall:
+    """One SDPA call an ``xattn`` compilation saw.
+
+    Attributes:
+        name: the call site (module path, as ``SparsityStats`` names it).
+        rewritten: routed through the xflex op (which decides dense or sparse
+            per call at run time); False: left as plain SDPA.
+        reason: why it was left as plain SDPA (None when rewritten).
+        gqa_unrepeated: the GQA factor of a ``repeat_kv`` undone (1: none).
+    """
+
+    name: str
+    rewritten: bool
+    reason: str | None
+    gqa_unrepeated: int
+
+
+_last_report: list[CompiledCall] = []
 
 
 def split_options(options: Mapping[str, object] | None) -> tuple[dict[str, object], dict[str, object]]:
@@ -29,7 +51,7 @@ def split_options(options: Mapping[str, object] | None) -> tuple[dict[str, objec
     if not isinstance(options, Mapping):
         raise TypeError(f"options must be a dict, but got {type(options).__name__}")
     ours, inductor = {}, {}
-    inductor_names = set(torch._inductor.config._config)  # dotted names, e.g. "triton.cudagraphs"
+    inductor_names = inductor_option_names()
     for name, value in options.items():
         if name in Config.__dataclass_fields__:
             ours[name] = value
@@ -72,10 +94,10 @@ def _keep_dense_reason(call: SdpaCall) -> str | None:
     return None
 
 
-def _sparse_op_node(config_key: str, report: list[dict[str, object]]):
+def _sparse_op_node(config_key: str, report: list[CompiledCall]) -> Callable[[fx.Graph, SdpaCall], fx.Node | None]:
     def replace(graph: fx.Graph, call: SdpaCall) -> fx.Node | None:
         reason = _keep_dense_reason(call)
-        report.append({"name": call.name, "rewritten": reason is None, "reason": reason, "gqa_unrepeated": call.unrepeated})
+        report.append(CompiledCall(call.name, reason is None, reason, call.unrepeated))
         if reason is not None:
             log.info("xflex: leaving %s dense: %s", call.name, reason)
             return None
@@ -100,9 +122,15 @@ def _sparse_op_node(config_key: str, report: list[dict[str, object]]):
     return replace
 
 
-def last_compile_report() -> list[dict[str, object]]:
+def last_compile_report() -> list[CompiledCall]:
     """One entry per SDPA call seen by the most recent ``xattn`` compilation:
-    its name, whether it was rewritten, why not, and the GQA factor undone."""
+    its name, whether it was rewritten, why not, and the GQA factor undone.
+
+    Example:
+        >>> model = torch.compile(model, backend="xattn"); model(x)   # doctest: +SKIP
+        >>> [c.name for c in xflex.last_compile_report() if c.rewritten]   # doctest: +SKIP
+        ['layers.0.attn', 'layers.1.attn']
+    """
     return list(_last_report)
 
 
@@ -112,7 +140,7 @@ def xattn(
     *,
     options: Mapping[str, object] | None = None,
     mode: str | None = None,
-):
+) -> Callable[..., object]:
     """torch.compile backend: XAttention block-sparse attention for every SDPA call.
 
     Args:
@@ -120,7 +148,7 @@ def xattn(
         example_inputs: its example inputs.
         options: xflex options (see ``xflex.Config``: ``enabled``, ``threshold``,
             ``stride``, ``block_size``, ``min_seq_len``, ``keep_sink``,
-            ``keep_recent``, ``scorer``) and/or Inductor config names.
+            ``keep_recent``, ``backend``) and/or Inductor config names.
         mode: an Inductor mode ("max-autotune", ...), passed on.
 
     Returns:
@@ -129,9 +157,6 @@ def xattn(
     Example:
         >>> model = torch.compile(model, backend="xattn", options={"threshold": 0.9, "stride": 8})  # doctest: +SKIP
     """
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
     if mode is not None and mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, but got {mode!r}")
     ours, inductor_options = split_options(options)
@@ -139,5 +164,5 @@ def xattn(
     report: list[dict[str, object]] = []
     rewrite_sdpa(gm, _sparse_op_node(config.to_key(), report))
     _last_report[:] = report
-    patches = {**(list_mode_options(mode) if mode else {}), **inductor_options}
+    patches = {**(inductor_mode_options(mode) if mode else {}), **inductor_options}
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -14,12 +14,15 @@ import contextlib
 import contextvars
 import dataclasses
 import glob
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["Calibration", "calibration", "sampled_block_mass", "sample_query_blocks"]
+from .attention import SdpaArgs, sample_query_blocks, sampled_block_mass, select_blocks
+from .config import Config
+from .planning import Plan, call_forced_blocks
+
+__all__ = ["Calibration", "active_calibrations", "calibration"]
 
 DEFAULT_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
@@ -60,6 +63,25 @@ class Calibration:
             chosen[glob.escape(name)] = reaching[0] if reaching else self.thresholds[-1]
         return chosen
 
+    def measure(self, call_name: str, args: SdpaArgs, plan: Plan, config: Config) -> None:
+        """Record one sparse call: the true attention mass inside the blocks its
+        selection keeps at each candidate threshold, on sampled query blocks."""
+        scores, pattern = plan.scores, plan.pattern
+        q_blocks = sample_query_blocks(scores.shape[2], self.samples)
+        mass = sampled_block_mass(
+            args.query, args.key, args.attn_mask, args.is_causal, args.scale, config.block_size, q_blocks
+        )
+        rows_that_see = mass.sum(-1) > 0
+        forced = call_forced_blocks(pattern, args.q_len, args.kv_len, config, scores.device)
+        sampled = dict(visible=pattern.visibility.any[:, :, q_blocks], forced=forced[:, :, q_blocks])
+        recalls = torch.stack(
+            [
+                (mass * select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled)).sum(-1)[rows_that_see].mean()
+                for tau in self.thresholds
+            ]
+        )
+        self.recalls.setdefault(call_name, []).append(recalls)
+
 
 @contextlib.contextmanager
 def calibration(
@@ -96,62 +118,5 @@ def calibration(
 
 
 def active_calibrations() -> tuple[Calibration, ...]:
+    """The ``calibration()`` blocks the current call runs inside."""
     return _ACTIVE.get()
-
-
-def sample_query_blocks(num_query_blocks: int, samples: int) -> list[int]:
-    """Up to ``samples`` query blocks spread evenly, the last one included."""
-    if num_query_blocks <= samples:
-        return list(range(num_query_blocks))
-    return sorted(set(torch.linspace(0, num_query_blocks - 1, samples).round().long().tolist()))
-
-
-def sampled_block_mass(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    block_size: int,
-    q_blocks: Sequence[int],
-) -> torch.Tensor:
-    """Exact attention mass per key block for the given query blocks.
-
-    Args:
-        query: ``(B, Hq, Lq, D)``; key ``(B, Hkv, Lk, D)`` (GQA when Hq > Hkv).
-        attn_mask, is_causal, scale: as in SDPA (``is_causal`` is top-left).
-        q_blocks: query block indices.
-
-    Returns:
-        ``(B, Hq, len(q_blocks), ceil(Lk / block_size))`` fp32: each query
-        block's softmax rows summed per key block and averaged over its rows
-        (a row sums to 1, or to 0 when the mask hides every key).
-    """
-    B, Hq, Lq, D = query.shape
-    Hkv, Lk = key.shape[1], key.shape[2]
-    group = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    n_k = math.ceil(Lk / block_size)
-    if attn_mask is not None:
-        attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # SDPA broadcasts masks from the right
-    out = torch.zeros(B, Hq, len(q_blocks), n_k, device=query.device)
-    # One KV head and its query heads at a time: the fp32 logits held at once
-    # are (B, Hq/Hkv, Bs, Lk), 256 MiB at 128K tokens with 4 heads per group.
-    for kv_head in range(Hkv):
-        heads = slice(kv_head * group, (kv_head + 1) * group)
-        keys_t = key[:, kv_head, None].float().transpose(-1, -2)  # (B, 1, D, Lk)
-        mask_heads = heads if attn_mask is not None and attn_mask.shape[1] > 1 else slice(None)
-        for column, block in enumerate(q_blocks):
-            lo, hi = block * block_size, min(Lq, (block + 1) * block_size)
-            logits = (query[:, heads, lo:hi].float() @ keys_t) * scale
-            if is_causal:
-                hidden = torch.arange(Lk, device=query.device) > torch.arange(lo, hi, device=query.device)[:, None]
-                logits = logits.masked_fill(hidden, float("-inf"))
-            elif attn_mask is not None:
-                mask = attn_mask[:, mask_heads]
-                mask = mask if mask.shape[-2] == 1 else mask[..., lo:hi, :]
-                logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-            probs = torch.softmax(logits, -1).nan_to_num(0.0)  # rows that see no key: all zero
-            padded = torch.nn.functional.pad(probs, (0, n_k * block_size - Lk))
-            out[:, heads, column] = padded.view(B, group, hi - lo, n_k, block_size).sum((2, 4)) / (hi - lo)
-    return out

@@ -126,11 +126,8 @@ def _print_density(stats) -> None:
 
 
 def _print_dense_calls(stats) -> None:
-    from .demo import summarise_dense_calls
-
-    reasons = summarise_dense_calls(stats)
     print(f"dense fallbacks: {len(stats.dense_calls)} calls")
-    for reason, count in reasons:
+    for reason, count in stats.dense_reasons():
         print(f"  {count:>5} x {reason}")
 
 

@@ -12,10 +12,14 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["Config", "RUNTIME_OPTIONS", "COMPILE_TIME_OPTIONS"]
+from .attention.backends import BACKENDS, Backend
+
+__all__ = ["COMPILE_TIME_OPTIONS", "Config", "RUNTIME_OPTIONS", "Threshold"]
 
 _BLOCK_SIZES = (32, 64, 128, 256)
-_SCORERS = ("auto", "triton", "torch")
+
+Threshold = float | tuple[float, ...]
+"""One tau for every query head, or one per query head."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,19 +42,21 @@ class Config:
         keep_sink: causal calls always keep the first key block.
         keep_recent: tokens before each query's own position whose blocks are
             always kept (0: just the diagonal block).
-        scorer: "auto" (Triton kernel on CUDA, plain torch on CPU), "triton" or
-            "torch".
+        backend: which implementation the scoring and selection stages run:
+            "auto" (Triton kernels on CUDA when Triton is installed, the Gluon
+            scorer for large Hopper calls, plain torch on the CPU), "torch",
+            "triton" or "gluon" (see ``xflex.attention.backends.Backend``).
     """
 
     enabled: bool = True
-    threshold: float | tuple[float, ...] = 0.9
-    threshold_by_call: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
+    threshold: Threshold = 0.9
+    threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     stride: int = 8
     block_size: int = 128
     min_seq_len: int = 1024
     keep_sink: bool = True
     keep_recent: int = 0
-    scorer: str = "auto"
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -84,9 +90,10 @@ class Config:
 
     @staticmethod
     def from_key(key: str) -> Config:
+        """The config :meth:`to_key` wrote."""
         return _config_from_key(key)
 
-    def threshold_for(self, call_name: str) -> float | tuple[float, ...]:
+    def threshold_for(self, call_name: str) -> Threshold:
         """The threshold of the call named ``call_name`` (see ``threshold_by_call``)."""
         for pattern, threshold in self.threshold_by_call:
             if fnmatch.fnmatchcase(call_name, pattern):
@@ -124,7 +131,7 @@ def _config_from_key(key: str) -> Config:
     return Config(**values)
 
 
-def _normalise_threshold(value: object) -> float | tuple[float, ...]:
+def _normalise_threshold(value: object) -> Threshold:
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -188,4 +195,4 @@ def _validate_config(c: Config) -> None:
     _check(_is_int(c.min_seq_len) and c.min_seq_len >= 0, "min_seq_len", "an int >= 0", c.min_seq_len)
     _check(isinstance(c.keep_sink, bool), "keep_sink", "a bool", c.keep_sink)
     _check(_is_int(c.keep_recent) and c.keep_recent >= 0, "keep_recent", "an int >= 0 (tokens)", c.keep_recent)
-    _check(c.scorer in _SCORERS, "scorer", f"one of {_SCORERS}", c.scorer)
+    _check(c.backend in BACKENDS, "backend", f"one of {BACKENDS}", c.backend)

@@ -1,16 +1,31 @@
 """`xflex.sparsity(...)`: run-time settings for the attention calls made
-inside a `with` block, read by the xflex op when it runs (no recompilation)."""
+inside a `with` block, read by the xflex op when it runs (no recompilation),
+and the stats handles those calls report to."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import enum
+from collections.abc import Iterator, Mapping, Sequence
 
-from .config import RUNTIME_OPTIONS, Config
+from .attention.backends import Backend
+from .config import Config
 from .stats import CallRecord, SparsityStats
 
-__all__ = ["sparsity", "effective_config", "record_call"]
+__all__ = ["UNSET", "effective_config", "record_call", "recording", "sparsity"]
+
+
+class _Unset(enum.Enum):
+    """A keyword left out of :func:`sparsity` (keeps "not given" apart from any value)."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset.UNSET
 
 _OVERRIDES: contextvars.ContextVar[tuple[dict[str, object], ...]] = contextvars.ContextVar(
     "xflex_overrides", default=()
@@ -24,15 +39,33 @@ _VALIDATION_BASE = Config(block_size=256)
 
 
 @contextlib.contextmanager
-def sparsity(**overrides: object) -> Iterator[SparsityStats]:
+def sparsity(
+    *,
+    enabled: bool | _Unset = UNSET,
+    threshold: float | Sequence[float] | _Unset = UNSET,
+    threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
+    stride: int | _Unset = UNSET,
+    min_seq_len: int | _Unset = UNSET,
+    keep_sink: bool | _Unset = UNSET,
+    keep_recent: int | _Unset = UNSET,
+    backend: Backend | _Unset = UNSET,
+) -> Iterator[SparsityStats]:
     """Change xflex settings for the attention calls inside the block.
 
-    Accepts any option but ``block_size`` (fixed at compile time): ``enabled``,
-    ``threshold`` (float in (0, 1] or one per query head),
-    ``threshold_by_call`` (``{call-name pattern: threshold}``), ``stride``,
-    ``min_seq_len``, ``keep_sink``, ``keep_recent``, ``scorer``. Nested blocks:
-    the inner value wins, the outer is restored on exit (also on exceptions).
-    The compiled model is not recompiled.
+    Every option of :class:`xflex.Config` but ``block_size`` (fixed when the
+    model is compiled); options left out keep the surrounding value. Nested
+    blocks: the inner value wins, the outer comes back on exit (also on
+    exceptions). The compiled model is not recompiled.
+
+    Args:
+        enabled: False runs every call as the model's own dense SDPA.
+        threshold: tau in (0, 1], or one per query head.
+        threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
+        stride: antidiagonal stride, a divisor of the block size.
+        min_seq_len: calls with fewer keys run dense.
+        keep_sink: causal calls always keep key block 0.
+        keep_recent: tokens before each query whose blocks are always kept.
+        backend: "auto", "torch", "triton" or "gluon".
 
     Yields:
         :class:`SparsityStats` covering the calls made inside the block.
@@ -43,12 +76,17 @@ def sparsity(**overrides: object) -> Iterator[SparsityStats]:
         >>> stats.density                            # doctest: +SKIP
         0.31
     """
-    unknown = sorted(set(overrides) - set(RUNTIME_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"xflex.sparsity() got unknown or compile-time option(s) {unknown}; "
-            f"expected some of {sorted(RUNTIME_OPTIONS)} (block_size is set in torch.compile options)"
-        )
+    given = dict(
+        enabled=enabled,
+        threshold=threshold,
+        threshold_by_call=threshold_by_call,
+        stride=stride,
+        min_seq_len=min_seq_len,
+        keep_sink=keep_sink,
+        keep_recent=keep_recent,
+        backend=backend,
+    )
+    overrides = {name: value for name, value in given.items() if value is not UNSET}
     validated = Config.from_options(overrides, base=_VALIDATION_BASE)
     values = {name: getattr(validated, name) for name in overrides}
     stats = SparsityStats()
@@ -71,9 +109,11 @@ def effective_config(defaults: Config) -> Config:
 
 
 def recording() -> bool:
+    """Whether some ``sparsity()`` block is collecting stats."""
     return bool(_RECORDERS.get())
 
 
 def record_call(record: CallRecord) -> None:
+    """Report one call to every enclosing ``sparsity()`` block's stats."""
     for stats in _RECORDERS.get():
         stats.records.append(record)

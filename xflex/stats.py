@@ -3,7 +3,9 @@ device until read, and the reason for each dense fallback."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import re
 
 import torch
 
@@ -42,29 +44,39 @@ class CallRecord:
         return (self.selected_blocks.double() / self.visible_blocks.clamp_min(1).double()).tolist()
 
 
+def _sparse_totals(records: list[CallRecord]) -> tuple[int, int]:
+    sparse = [r for r in records if r.sparse]
+    if not sparse:
+        return 0, 0
+    selected = torch.stack([r.selected_blocks.sum().cpu() for r in sparse]).sum()
+    visible = torch.stack([r.visible_blocks.sum().cpu() for r in sparse]).sum()
+    return int(selected), int(visible)
+
+
+@dataclasses.dataclass
 class SparsityStats:
     """What the attention calls inside one ``xflex.sparsity()`` block did.
 
-    ``density`` is computed / visible blocks over every sparse call, head and
-    batch entry; dense-fallback calls are listed in ``dense_calls``, not counted
-    as density 1.
+    ``density`` is computed / visible blocks over the calls that ran sparse;
+    calls that ran dense are listed in ``dense_calls`` with their reasons and
+    are not counted as density 1. When no call ran sparse, ``density`` is None
+    and the printed stats say why (``dense_reasons()``), rather than a number
+    that would mix the two kinds of call.
+
+    Example:
+        >>> with xflex.sparsity(enabled=False) as stats:   # doctest: +SKIP
+        ...     model(x)
+        >>> stats                                          # doctest: +SKIP
+        SparsityStats(no call ran sparse; 30 dense: 30 x sparsity disabled)
     """
 
-    def __init__(self) -> None:
-        self.records: list[CallRecord] = []
-
-    def _sparse_totals(self, records: list[CallRecord]) -> tuple[int, int]:
-        sparse = [r for r in records if r.sparse]
-        if not sparse:
-            return 0, 0
-        selected = torch.stack([r.selected_blocks.sum().cpu() for r in sparse]).sum()
-        visible = torch.stack([r.visible_blocks.sum().cpu() for r in sparse]).sum()
-        return int(selected), int(visible)
+    records: list[CallRecord] = dataclasses.field(default_factory=list)
 
     @property
     def density(self) -> float | None:
-        """Fraction of visible blocks computed (None when no call ran sparse)."""
-        selected, visible = self._sparse_totals(self.records)
+        """Fraction of visible blocks computed over the sparse calls (None when
+        no call ran sparse: see ``dense_calls``)."""
+        selected, visible = _sparse_totals(self.records)
         return selected / visible if visible else None
 
     @property
@@ -82,11 +94,22 @@ class SparsityStats:
             by_name.setdefault(record.name, []).append(record)
         out = {}
         for name, records in by_name.items():
-            selected, visible = self._sparse_totals(records)
+            selected, visible = _sparse_totals(records)
             out[name] = selected / visible if visible else float("nan")
         return out
 
+    def dense_reasons(self) -> list[tuple[str, int]]:
+        """Dense-fallback reasons with their call counts, most frequent first;
+        lengths in the reasons read ``N`` so that decode steps at growing key
+        lengths count as one reason."""
+        reasons = collections.Counter(re.sub(r"\blength \d+", "length N", r.dense_reason or "") for r in self.dense_calls)
+        return reasons.most_common()
+
     def __repr__(self) -> str:
+        dense = self.dense_calls
+        reasons = ", ".join(f"{count} x {reason}" for reason, count in self.dense_reasons())
+        dense_part = f"{len(dense)} dense: {reasons}" if dense else "0 dense"
         density = self.density
-        shown = "n/a" if density is None else f"{density:.3f}"
-        return f"SparsityStats(density={shown}, sparse_calls={len(self.sparse_calls)}, dense_calls={len(self.dense_calls)})"
+        if density is None:
+            return f"SparsityStats(no call ran sparse; {dense_part})"
+        return f"SparsityStats(density={density:.3f} over {len(self.sparse_calls)} sparse calls; {dense_part})"

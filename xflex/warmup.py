@@ -85,7 +85,7 @@ def dense_warmup(module: nn.Module, steps: int, calls_per_step: int = 1) -> Iter
     in both cases the hooks run in Python outside the compiled graph, so they
     add no guards and trigger no recompilation (checked on torch 2.13, also
     for in-place ``module.compile(backend="xattn")``, where dynamo starts
-    tracing at ``forward``). The hooks are marked ``torch._dynamo.disable`` so
+    tracing at ``forward``). The hooks are marked ``torch.compiler.disable`` so
     that a torch version tracing ``Module.__call__`` runs them eagerly instead
     of baking a setting into the graph.
 
@@ -111,7 +111,7 @@ def dense_warmup(module: nn.Module, steps: int, calls_per_step: int = 1) -> Iter
     # that a re-entrant call closes its own settings.
     open_calls: list[contextlib.AbstractContextManager | None] = []
 
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def enter_call(_module: nn.Module, _args: tuple) -> None:
         if state.warming_up:
             settings = sparsity(enabled=False)
@@ -122,7 +122,7 @@ def dense_warmup(module: nn.Module, steps: int, calls_per_step: int = 1) -> Iter
             open_calls.append(None)
             state.sparse_calls += 1
 
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def leave_call(_module: nn.Module, _args: tuple, _output: object) -> None:
         # always_call: also runs when forward (or a later pre-hook) raised.
         if open_calls:

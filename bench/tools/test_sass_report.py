@@ -1,4 +1,4 @@
-"""bench/sass_report.py: the scorer compiled for Hopper without a GPU, and the
+"""bench/tools/sass_report.py: the scorer compiled for Hopper without a GPU, and the
 SASS loop census it reports."""
 
 import os
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton", reason="triton is an optional dependency (pip install 'xflex[triton]')")
-_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "sass_report.py"
-sys.path.insert(0, str(_SCRIPT.parent))  # bench/ is not a package
-import sass_report  # noqa: E402
+from bench.tools import sass_report  # noqa: E402
+
+_REPO = Path(__file__).resolve().parents[2]
 
 # Two loops, the second nested in a third; addresses as cuobjdump prints them.
 _SASS = """
@@ -42,11 +42,16 @@ def test_key_tile_loop_outside_its_reduction_loop():
     assert sass_report.tile_loops(_SASS) == [(3, 1)]
 
 
+def _run_tool(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "bench.tools.sass_report", *args]
+    return subprocess.run(command, env=env, cwd=_REPO, capture_output=True, text=True, check=True)
+
+
 def test_scorer_compiles_to_hopper_wgmma():
     # A fresh process: this suite runs Triton's interpreter, which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = ["--length", "8200", "--heads", "4", "--kv-heads", "2", "--block-mask"]
-    report = subprocess.run([sys.executable, str(_SCRIPT), *args], env=env, capture_output=True, text=True, check=True)
+    report = _run_tool(args, env)
     assert "HGMMA loop:" in report.stdout, "the reduction loop should issue HGMMA (wgmma), not HMMA"
     assert "key-tile loop:" in report.stdout
     assert "registers" in report.stdout
@@ -55,7 +60,7 @@ def test_scorer_compiles_to_hopper_wgmma():
 def test_gluon_scorer_compiles_within_hopper_limits():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = ["--kernel", "gluon", "--length", "8192", "--stride", "16", "--heads", "4", "--kv-heads", "2"]
-    report = subprocess.run([sys.executable, str(_SCRIPT), *args], env=env, capture_output=True, text=True, check=True)
+    report = _run_tool(args, env)
     print(report.stdout)
     usage = re.search(r"local \(spills\) (\d+) B, shared (\d+) B", report.stdout)
     assert usage and int(usage[1]) == 0, "a partition spills registers"

@@ -1,40 +1,39 @@
 """Sweep the Triton scorer's tile configs on one GPU: every candidate forced in
 turn on LLM-like inputs (B=1, H=32, D=128, bf16, causal), its time beside
 cuDNN dense attention and its largest score difference from the library's
-autotuned choice. The library's configs are ``_CONFIGS`` in
-``score_mods/antidiagonal_triton.py``; this is how they were picked.
+autotuned choice. The library's configs are ``CONFIGS`` in
+``xflex/attention/scoring/triton_kernel.py``; this is how they were picked.
 
-    python bench/tune_scoring.py --lengths 65536 131072 --strides 8 16
+    python -m bench.tools.tune_scoring --lengths 65536 131072 --strides 8 16
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scoring import dense_attention, describe, score, time_ms  # noqa: E402
-from synthetic import llm_like_inputs  # noqa: E402
+from bench.common import best_dense_sdpa, time_ms
+from bench.scoring import describe, score
+from bench.synthetic import llm_like_inputs
 
 
 def _candidates():
     import triton
 
-    from xflex.score_mods.antidiagonal_triton import _CONFIGS
+    from xflex.attention.scoring.triton_kernel import CONFIGS
 
     def config(block_m, block_n, warps, stages, flatten=False):
         return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "FLATTEN": flatten}, num_warps=warps, num_stages=stages)
 
     extra = [config(128, 256, 8, 4), config(128, 256, 8, 2), config(64, 256, 4, 3), config(128, 128, 4, 3)]
-    return list(_CONFIGS) + extra
+    return list(CONFIGS) + extra
 
 
 def sweep(length: int, stride: int) -> list[tuple[float, str, float]]:
     """``(ms, config, max |score - autotuned score|)`` per candidate, fastest first."""
-    from xflex.score_mods.antidiagonal_triton import _antidiagonal_scores_kernel as kernel
+    from xflex.attention.scoring.triton_kernel import scores_kernel as kernel
 
     q, k, _ = llm_like_inputs(length)
     configs = kernel.configs
@@ -63,7 +62,7 @@ def main(argv=None) -> None:
         sys.exit("bench.tune_scoring times GPU kernels: it needs CUDA")
     for length in args.lengths:
         q, k, v = llm_like_inputs(length)
-        name, dense = dense_attention(q, k, v)
+        name, dense = best_dense_sdpa(q, k, v)
         dense_ms = time_ms(dense)
         del q, k, v
         print(f"L={length}: {name} {dense_ms:.2f} ms")

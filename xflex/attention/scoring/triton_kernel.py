@@ -1,7 +1,7 @@
 """XAttention antidiagonal block scoring (Xu et al., "XAttention: Block Sparse
 Attention with Antidiagonal Scoring", ICML 2025): the fused Triton kernel.
 
-Same math as ``antidiagonal.antidiagonal_block_scores`` (the plain-torch
+Same math as ``reference.antidiagonal_block_scores`` (the plain-torch
 reference), computed without ever writing the ``[Lq/S, Lk/S]`` reduced logits:
 each program owns ``BLOCK_M`` reduced query rows (whole query blocks), runs the
 reduced GEMM ``Qs @ Ks^T`` over key tiles straight from strided q and k, and
@@ -13,16 +13,16 @@ are known.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .antidiagonal import _validate
+from ..backends import interpreting
+from .reference import validate_scoring_inputs
 
-__all__ = ["antidiagonal_block_scores_triton", "scoring_kernel"]
+__all__ = ["CONFIGS", "antidiagonal_block_scores_triton", "normalise_kernel", "scores_kernel"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634  # 1/ln(2): the kernel works in base 2 (exp2/log2)
@@ -39,7 +39,7 @@ _SCRATCH_BYTES = 256 * 2**20
 # FLATTEN pipelines the key-tile and reduction loops as one loop, so loads for
 # the next key tile overlap the softmax of this one: within 5% either way on an
 # H100 (it depends on S and L), hence a tuning choice.
-_CONFIGS = [
+CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "FLATTEN": False}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "FLATTEN": False}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "FLATTEN": False}, num_warps=8, num_stages=3),
@@ -48,9 +48,9 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "FLATTEN": False}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "FLATTEN": False}, num_warps=4, num_stages=4),
 ]
-_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _CONFIGS)  # query chunks are multiples of it
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in CONFIGS)  # query chunks are multiples of it
 # A program covers whole blocks: some config must have BLOCK_M and BLOCK_N >= Bs/S.
-_MAX_TILES_PER_BLOCK = max(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _CONFIGS)
+_MAX_TILES_PER_BLOCK = max(min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in CONFIGS)
 
 
 def _block_k(head_dim: int) -> int:
@@ -60,15 +60,11 @@ def _block_k(head_dim: int) -> int:
     return divisors[0] if divisors else min(64, max(16, triton.next_power_of_2(head_dim)))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _prune_configs(configs, named_args, **kwargs):
     tiles = kwargs["TILES_PER_BLOCK"]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] >= tiles and c.kwargs["BLOCK_N"] >= tiles]
     # The interpreter cannot time kernels: it runs the smallest tiles (fastest on CPU).
-    return [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])] if _interpreting() else fitting
+    return [min(fitting, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])] if interpreting() else fitting
 
 
 @triton.jit
@@ -229,12 +225,12 @@ def _online_softmax_tile(
 
 
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=CONFIGS,
     key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
-def _antidiagonal_scores_kernel(
+def scores_kernel(
     q_ptr,
     k_ptr,
     visible_ptr,
@@ -278,7 +274,7 @@ def _antidiagonal_scores_kernel(
     Reduced row ``t`` sees key tile ``u`` when ``u < ceil(Lk/S)``, ``u <= t +
     diag_shift`` (causal) and the block-level mask allows ``(t//T, u//T)``."""
     # One GEMM pass (online softmax, per-block log-sum-exps parked in scratch and
-    # renormalised by _normalise_kernel) rather than two: the reduced GEMM is the cost.
+    # renormalised by normalise_kernel) rather than two: the reduced GEMM is the cost.
     tl.static_assert(BLOCK_M % TILES_PER_BLOCK == 0)
     tl.static_assert(BLOCK_N % TILES_PER_BLOCK == 0)
     tl.static_assert(BLOCK_K >= 16)
@@ -333,7 +329,7 @@ def _antidiagonal_scores_kernel(
 
 
 @triton.jit
-def _normalise_kernel(
+def normalise_kernel(
     scratch_ptr,
     row_lse_ptr,
     out_ptr,
@@ -414,7 +410,7 @@ def _validate_triton(
         raise ValueError(f"q and k must share a dtype among {_DTYPES}, but got q.dtype={q.dtype} and k.dtype={k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, but got q on {q.device} and k on {k.device}")
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not interpreting():
         raise ValueError(f"q and k must be CUDA tensors (or run with TRITON_INTERPRET=1), but got device {q.device}")
     tiles = block_size // stride
     if tiles < 1 or tiles & (tiles - 1) or tiles > _MAX_TILES_PER_BLOCK:
@@ -444,48 +440,6 @@ def _validate_triton(
             )
 
 
-_KERNELS = ("auto", "triton", "gluon")
-# "auto" takes the Gluon kernel from this many multiply-adds of the reduced GEMM
-# (B*Hq*(Lq/S)*(Lk/S)*S*D, ~1 ms of scoring on an H200). Below it the call is
-# launch-bound: the Gluon launch costs ~0.3 ms of host time against Triton's
-# ~0.2 ms, more than its 8-10% of GPU time saves (bench/RESULTS.md, session 7).
-_GLUON_MIN_MACS = 2**39
-
-
-def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible) -> str | None:
-    if not q.is_cuda or _interpreting():
-        return "it runs on CUDA tensors only"
-    try:
-        from . import antidiagonal_gluon
-    except ImportError as error:  # a Triton without Gluon
-        return f"this Triton has no Gluon ({error})"
-    return antidiagonal_gluon.unsupported_reason(q, k, stride, block_visible)
-
-
-def scoring_kernel(
-    q: torch.Tensor, k: torch.Tensor, *, stride: int, block_visible: torch.Tensor | None = None, kernel: str = "auto"
-) -> str:
-    """Which kernel ``antidiagonal_block_scores_triton`` runs for these inputs:
-    ``"gluon"`` (Hopper, see ``antidiagonal_gluon.unsupported_reason``; with
-    ``"auto"`` only for calls large enough to pay for its costlier launch) or
-    ``"triton"``. Raises ValueError when ``kernel="gluon"`` cannot run them.
-
-    Example:
-        >>> q = torch.randn(1, 32, 65536, 128, device="cuda", dtype=torch.bfloat16)
-        >>> scoring_kernel(q, q, stride=8)  # on an H100
-        'gluon'
-    """
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel must be one of {_KERNELS}, but got kernel={kernel!r}")
-    if kernel == "triton":
-        return "triton"
-    reason = _gluon_unsupported_reason(q, k, stride, block_visible)
-    if reason is not None and kernel == "gluon":
-        raise ValueError(f"kernel='gluon' cannot score these inputs: {reason}")
-    macs = q.shape[0] * q.shape[1] * (q.shape[2] // stride) * (k.shape[2] // stride) * stride * q.shape[3]
-    return "gluon" if reason is None and (kernel == "gluon" or macs >= _GLUON_MIN_MACS) else "triton"
-
-
 def antidiagonal_block_scores_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -495,7 +449,7 @@ def antidiagonal_block_scores_triton(
     scale: float | None = None,
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
-    kernel: str = "auto",
+    use_gluon: bool = False,
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in one fused Triton kernel.
 
@@ -514,10 +468,9 @@ def antidiagonal_block_scores_triton(
             (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
         block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
             invisible blocks are left out of the softmax (and never computed).
-        kernel: ``"auto"`` (the warp-specialised Gluon kernel where it runs
-            and the call is large: Hopper, fp16/bf16, lengths multiples of S,
-            ~32K tokens and up; else the Triton one), ``"triton"`` or
-            ``"gluon"`` (see ``scoring_kernel``).
+        use_gluon: launch the warp-specialised Gluon kernel (``gluon_kernel``)
+            instead of the Triton one; the caller checks that it can run the
+            inputs (``xflex.attention.scoring.scoring_backend`` does).
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
@@ -529,9 +482,8 @@ def antidiagonal_block_scores_triton(
         >>> antidiagonal_block_scores_triton(q, k, stride=16, block_size=128, causal_offset=0).shape
         torch.Size([1, 32, 64, 64])
     """
-    _validate(q, k, stride, block_size)
+    validate_scoring_inputs(q, k, stride, block_size)
     _validate_triton(q, k, stride, block_size, scale, causal_offset, block_visible)
-    use_gluon = scoring_kernel(q, k, stride=stride, block_visible=block_visible, kernel=kernel) == "gluon"
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
@@ -547,9 +499,9 @@ def antidiagonal_block_scores_triton(
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
     scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
     if use_gluon:
-        from . import antidiagonal_gluon
+        from . import gluon_kernel
     # Row parts: the Gluon kernel's two consumers each see half of each key range.
-    parts = 2 * antidiagonal_gluon.key_ranges(Lk, S) if use_gluon else 1
+    parts = 2 * gluon_kernel.key_ranges(Lk, S) if use_gluon else 1
     row_lse = torch.empty((B * Hq, parts, rows), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
     diag_shift = 0 if causal_offset is None else (S - 1 + causal_offset) // S
@@ -565,13 +517,13 @@ def antidiagonal_block_scores_triton(
             causal=causal_offset is not None,
         )
         if use_gluon:
-            antidiagonal_gluon.launch(q, k, scratch, row_lse, **launch_args)
+            gluon_kernel.launch(q, k, scratch, row_lse, **launch_args)
         else:
             has_block_visible = block_visible is not None
             _launch_triton_scorer(
                 q, k, scratch, row_lse, visible=visible, has_block_visible=has_block_visible, **launch_args
             )
-        _normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), B * Hq)](
+        normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), B * Hq)](
             scratch,
             row_lse,
             out,
@@ -611,10 +563,10 @@ def _launch_triton_scorer(
     qk_scale: float,
     causal: bool,
 ) -> None:
-    """``_antidiagonal_scores_kernel`` on query rows ``[tile_start, tile_start +
-    chunk)``; ``antidiagonal_gluon.launch``'s contract with one row part."""
+    """``scores_kernel`` on query rows ``[tile_start, tile_start +
+    chunk)``; ``gluon_kernel.launch``'s contract with one row part."""
     B, Hq, Lq, D = q.shape
-    _antidiagonal_scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
+    scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
         q,
         k,
         visible,

@@ -14,25 +14,23 @@ The Triton GEMMs keep a row max per tile instead of writing the product, so
 each is a ceiling for a kernel that reduces its tiles in registers. Inputs are
 random (timing does not depend on the values).
 
-    python bench/gemm_ceiling.py --length 131072 --heads 8 --strides 8 16
+    python -m bench.tools.gemm_ceiling --length 131072 --heads 8 --strides 8 16
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-import os
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scoring import time_ms  # noqa: E402
+from bench.common import time_ms
 
 _HEAD_DIM = 128
-_BLOCK_M, _BLOCK_N, _BLOCK_K = 128, 256, 64  # the scorer's fastest tile (bench/tune_scoring.py)
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 128, 256, 64  # the scorer's fastest tile (bench/tools/tune_scoring.py)
 _WARPS, _STAGES = 8, 3
 _GROUP_M = 8  # query tiles per group in the grouped order (L2 reuse of key tiles)
 
@@ -104,7 +102,7 @@ def variants(q: torch.Tensor, k: torch.Tensor, stride: int) -> dict[str, Callabl
     """Name -> zero-argument launch, for ``(1, H, L, D)`` contiguous q and k."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from xflex.score_mods.antidiagonal_triton import antidiagonal_block_scores_triton
+    from xflex.attention.scoring.triton_kernel import antidiagonal_block_scores_triton
 
     H, L, D = q.shape[1:]
     M = N = L // stride

@@ -1,16 +1,14 @@
-"""Threshold selection (XAttention, DESIGN section 2): block scores to the set
-of key blocks each query block computes, on the scores' device with no host
+"""Threshold selection in plain torch (the reference): block scores to the
+key blocks each query block computes, on the scores' device with no host
 synchronisation."""
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import NamedTuple
-
 import torch
 
-__all__ = ["KVBlocks", "forced_blocks", "select_blocks", "select_kv_blocks", "to_kv_blocks"]
+from .blocks import KVBlocks
+
+__all__ = ["select_blocks", "select_kv_blocks_reference", "to_kv_blocks"]
 
 # Query-block rows are independent: work on this many score elements at a
 # time so the sort's fp32 values and int64 indices stay a few hundred MiB
@@ -21,39 +19,6 @@ _CHUNK_ELEMENTS = 1 << 25
 def _row_chunks(shape: torch.Size) -> list[slice]:
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, shape[0] * shape[1] * shape[3]))
     return [slice(start, start + rows_per_chunk) for start in range(0, shape[2], rows_per_chunk)]
-
-
-@functools.lru_cache(maxsize=32)
-def forced_blocks(
-    q_len: int,
-    kv_len: int,
-    block_size: int,
-    *,
-    diagonal_offset: int | None,
-    keep_sink: bool,
-    keep_recent: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """``(1, 1, nQ, nK)`` bool: blocks kept whatever their score.
-
-    The diagonal is the key blocks holding positions ``q + diagonal_offset`` for
-    the block's queries (widened by ``keep_recent`` tokens to the left); None
-    means the call has no "own position" (cross-attention). The sink is key
-    block 0. Cached per shape (every call needs it): the returned tensor is
-    shared, never modify it.
-    """
-    n_q, n_k = math.ceil(q_len / block_size), math.ceil(kv_len / block_size)
-    kv_block = torch.arange(n_k, device=device)[None, :]
-    forced = torch.zeros((n_q, n_k), dtype=torch.bool, device=device)
-    if diagonal_offset is not None:
-        q_lo = torch.arange(n_q, device=device)[:, None] * block_size
-        q_hi = torch.clamp(q_lo + block_size - 1, max=q_len - 1)
-        first = torch.div(q_lo + diagonal_offset - keep_recent, block_size, rounding_mode="floor")
-        last = torch.div(q_hi + diagonal_offset, block_size, rounding_mode="floor")
-        forced |= (kv_block >= first) & (kv_block <= last)
-    if keep_sink:
-        forced |= kv_block == 0
-    return forced[None, None]
 
 
 def select_blocks(
@@ -117,53 +82,17 @@ def to_kv_blocks(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, indices
 
 
-class KVBlocks(NamedTuple):
-    """A block selection and its FlexAttention layout (``BlockMask.from_kv_blocks``'s
-    first four arguments): partial blocks carry the mask_mod, full blocks skip it."""
-
-    selected: torch.Tensor
-    kv_num_blocks: torch.Tensor
-    kv_indices: torch.Tensor
-    full_kv_num_blocks: torch.Tensor
-    full_kv_indices: torch.Tensor
-
-
-def select_kv_blocks(
+def select_kv_blocks_reference(
     scores: torch.Tensor,
     *,
     visible: torch.Tensor,
     fully_visible: torch.Tensor | None,
     forced: torch.Tensor,
     threshold: torch.Tensor,
-    use_triton: bool,
 ) -> KVBlocks:
     """:func:`select_blocks`, then the kept blocks split into full (entirely
-    visible under the mask) and partial, each laid out by :func:`to_kv_blocks`.
-
-    Args:
-        scores, visible, forced: as in :func:`select_blocks`.
-        fully_visible: bool, broadcastable to ``scores``; None: no full blocks.
-        threshold: ``(1, H|1, 1, 1)`` fp32 per-head thresholds.
-        use_triton: the fused Triton kernel (``xflex.selection_triton``, CUDA)
-            or the torch ops (the reference); the op decides (Triton on CUDA
-            when Triton is installed).
-
-    Example:
-        >>> s = torch.tensor([[[[0.1, 0.6, 0.3]]]])
-        >>> yes = torch.ones_like(s, dtype=torch.bool)
-        >>> blocks = select_kv_blocks(s, visible=yes, fully_visible=yes, forced=~yes,
-        ...                           threshold=torch.full((1, 1, 1, 1), 0.8), use_triton=False)
-        >>> blocks.full_kv_num_blocks, blocks.full_kv_indices
-        (tensor([[[2]]], dtype=torch.int32), tensor([[[[1, 2, 0]]]], dtype=torch.int32))
-    """
-    if use_triton:
-        from .selection_triton import select_kv_blocks_triton
-
-        return KVBlocks(
-            *select_kv_blocks_triton(
-                scores, visible=visible, fully_visible=fully_visible, forced=forced, threshold=threshold
-            )
-        )
+    visible under the mask) and partial, each laid out by :func:`to_kv_blocks`
+    (arguments as in ``xflex.attention.selection.select_kv_blocks``)."""
     selected = select_blocks(scores, visible=visible, forced=forced, threshold=threshold)
     full = selected & fully_visible if fully_visible is not None else torch.zeros_like(selected)
     return KVBlocks(selected, *to_kv_blocks(selected & ~full), *to_kv_blocks(full))

@@ -1,6 +1,6 @@
 """The antidiagonal scorer for Hopper (sm_90), warp-specialised in Gluon.
 
-Same contract as ``antidiagonal_triton._antidiagonal_scores_kernel`` (per key
+Same contract as ``triton_kernel.scores_kernel`` (per key
 block log2-sum-exp2 in scratch, each row's log2-sum-exp2 in ``row_lse``), for
 the inputs it covers (``unsupported_reason``). What it adds is overlap: in the
 Triton kernel all warps run the per-tile softmax at once while the tensor cores
@@ -30,7 +30,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["CONFIG", "KEY_RANGE", "key_ranges", "launch", "unsupported_reason"]
+__all__ = ["CONFIG", "KEY_RANGE", "key_ranges", "launch", "scores_kernel", "unsupported_reason"]
 
 # Tile rows (reduced rows): 128 queries x 128 keys per consumer, the largest
 # fp32 accumulator a warpgroup holds beside the softmax (128 registers a thread).
@@ -181,7 +181,7 @@ def _consumer_partition(
 
 
 @gluon.jit
-def _scores_kernel(
+def scores_kernel(
     q_desc, k_desc, scratch_ptr, row_lse_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads, group_size,
     q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
     TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
@@ -317,7 +317,7 @@ def launch(
     # Ranges past the chunk's last causal diagonal have no programs: their parts stay -inf.
     row_lse.fill_(float("-inf"))
     keys_reached = k.shape[2] if not causal else min(k.shape[2], (tile_start + chunk + diag_shift) * stride)
-    _scores_kernel[(-(-chunk // BLOCK_M), key_ranges(keys_reached, stride), B * Hq)](
+    scores_kernel[(-(-chunk // BLOCK_M), key_ranges(keys_reached, stride), B * Hq)](
         _descriptor(q, stride, BLOCK_M),
         _descriptor(k, stride, BLOCK_N),
         scratch,

@@ -1,12 +1,12 @@
 """The scorers' machine code, without a GPU: compiles the Triton scorer
-(``_antidiagonal_scores_kernel``) or, with ``--kernel gluon``, the Gluon one
-(``antidiagonal_gluon._scores_kernel``) for Hopper (sm_90a) on any machine
+(``triton_kernel.scores_kernel``) or, with ``--kernel gluon``, the Gluon one
+(``gluon_kernel.scores_kernel``) for Hopper (sm_90a) on any machine
 with Triton installed (its wheel carries ptxas and cuobjdump) and reports
 registers, spills, shared memory, the instructions of one reduction step (each
 loop that issues HGMMAs) and of one key tile's softmax (the loops around them:
-unmasked tiles first, then masked ones). Sessions 4 and 5 found the per-step
-address arithmetic and the exact log2 this way (bench/RESULTS.md): iterate
-here, then time on the GPU. The Gluon kernel's partitions set their own
+unmasked tiles first, then masked ones). The per-step address arithmetic and
+the exact log2 were found this way (bench/NOTES.md, "Scoring kernel
+experiments"): iterate here, then time on the GPU. The Gluon kernel's partitions set their own
 register budgets (``setmaxnreg``), listed as such.
 
 The kernel is specialised as Triton's launcher would specialise it for one
@@ -14,7 +14,7 @@ real call (ints equal to 1 become constants, multiples of 16 are marked so):
 the call is captured from ``antidiagonal_block_scores_triton`` on meta
 tensors, nothing is allocated.
 
-    python bench/sass_report.py --length 131072 --stride 8 --config 2 --sass out.sass
+    python -m bench.tools.sass_report --length 131072 --stride 8 --config 2 --sass out.sass
 
 Triton's compiler here may differ from the GPU machine's: compare variants
 with one compiler, and time the one you keep. A flattened config's single
@@ -33,8 +33,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scoring import describe  # noqa: E402
+from bench.scoring import describe
 
 _HEAD_DIM = 128
 _TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.bool: "*i1"}
@@ -100,12 +99,8 @@ def compile_for_hopper(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from xflex.score_mods.antidiagonal_triton import (
-        _CONFIGS,
-        _antidiagonal_scores_kernel,
-        _normalise_kernel,
-        antidiagonal_block_scores_triton,
-    )
+    from xflex.attention.scoring import triton_kernel
+    from xflex.attention.scoring.triton_kernel import antidiagonal_block_scores_triton
 
     q = torch.empty(1, heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
     k = torch.empty(1, kv_heads, length, _HEAD_DIM, dtype=torch.bfloat16, device="meta")
@@ -113,29 +108,29 @@ def compile_for_hopper(
     if kernel == "gluon":
         from triton.experimental.gluon._runtime import GluonASTSource
 
-        from xflex.score_mods import antidiagonal_gluon
+        from xflex.attention.scoring import gluon_kernel
 
         rows = -(-length // stride)
         scratch = torch.empty(heads, rows, -(-length // 128), device="meta")
         row_lse = torch.empty(heads, 2, rows, device="meta")
-        with _captured_launch(antidiagonal_gluon._scores_kernel) as calls:
-            antidiagonal_gluon.launch(
+        with _captured_launch(gluon_kernel.scores_kernel) as calls:
+            gluon_kernel.launch(
                 q, k, scratch, row_lse, stride=stride, tiles_per_block=128 // stride, tile_start=0, chunk=rows,
                 diag_shift=0, qk_scale=0.1, causal=causal,
             )  # fmt: skip
         args, constexprs = calls[0]
         options = {key: constexprs.pop(key) for key in ("num_warps", "maxnreg")}
-        source = _source(antidiagonal_gluon._scores_kernel, args, constexprs, GluonASTSource)
-        return triton.compile(source, target=target, options=options), f"gluon {antidiagonal_gluon.CONFIG}"
+        source = _source(gluon_kernel.scores_kernel, args, constexprs, GluonASTSource)
+        return triton.compile(source, target=target, options=options), f"gluon {gluon_kernel.CONFIG}"
     blocks = -(-length // 128)
     visible = torch.empty(1, 1, blocks, blocks, dtype=torch.bool, device="meta") if block_mask else None
-    with _captured_launch(_antidiagonal_scores_kernel) as calls, _captured_launch(_normalise_kernel):
+    with _captured_launch(triton_kernel.scores_kernel) as calls, _captured_launch(triton_kernel.normalise_kernel):
         antidiagonal_block_scores_triton(
             q, k, stride=stride, block_size=128, causal_offset=0 if causal else None, block_visible=visible
         )
     args, constexprs = calls[0]
-    config = _CONFIGS[config_index]
-    source = _source(_antidiagonal_scores_kernel.fn, args, {**constexprs, **config.kwargs}, ASTSource)
+    config = triton_kernel.CONFIGS[config_index]
+    source = _source(triton_kernel.scores_kernel.fn, args, {**constexprs, **config.kwargs}, ASTSource)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     return triton.compile(source, target=target, options=options), describe(config)
 
@@ -197,7 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-heads", type=int, default=None)
     parser.add_argument("--non-causal", action="store_true")
     parser.add_argument("--block-mask", action="store_true", help="with a block_visible mask (the video path)")
-    parser.add_argument("--config", type=int, default=2, help="index into _CONFIGS (default 2: 128x256 w8 s3)")
+    parser.add_argument("--config", type=int, default=2, help="index into triton_kernel.CONFIGS (default 2: 128x256 w8 s3)")
     parser.add_argument("--kernel", choices=["triton", "gluon"], default="triton", help="which scorer (default triton)")
     parser.add_argument("--sass", metavar="FILE", help="also write the disassembly here")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .score_mods import (
+from .masks import (
     BlockVisibility,
     MaskMod,
     ScoreMod,

@@ -2,8 +2,8 @@
 FlexAttention's partial/full ``kv_num_blocks``/``kv_indices`` (and the bool
 selection), one program per query-block row.
 
-Same rules and result as ``selection.select_blocks`` + ``selection.to_kv_blocks``
-(the plain-torch reference): the torch version is ~20 small kernels and a
+Same rules and result as ``reference.select_kv_blocks_reference`` (the
+plain-torch reference): the torch version is ~20 small kernels and a
 segmented sort per call (0.6-4.8 ms on an H100 from 8K to 128K tokens).
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .blocks import KVBlocks
 
 __all__ = ["select_kv_blocks_triton"]
 
@@ -132,8 +134,8 @@ def select_kv_blocks_triton(
     fully_visible: torch.Tensor | None,
     forced: torch.Tensor,
     threshold: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``select_blocks`` then ``to_kv_blocks`` on the partial and full blocks, fused.
+) -> KVBlocks:
+    """``select_kv_blocks_reference``, fused.
 
     Args:
         scores: ``(B, H, nQ, nK)`` non-negative block scores on CUDA.
@@ -143,8 +145,7 @@ def select_kv_blocks_triton(
         threshold: ``(1, H|1, 1, 1)`` fp32 per-head thresholds.
 
     Returns:
-        ``(selected, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)``
-        as ``BlockMask.from_kv_blocks`` takes them, plus the bool selection.
+        :class:`KVBlocks`: the bool selection and its partial/full kv layout.
 
     Example:
         >>> s = torch.tensor([[[[0.1, 0.6, 0.3]]]], device="cuda")
@@ -161,7 +162,7 @@ def select_kv_blocks_triton(
     full_num, full_idx = torch.empty_like(kv_num), torch.empty_like(kv_idx)
     if scores.numel() == 0:
         kv_num.zero_(), full_num.zero_()
-        return selected, kv_num, kv_idx, full_num, full_idx
+        return KVBlocks(selected, kv_num, kv_idx, full_num, full_idx)
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
     visible_bytes = _as_bytes(visible, scores.shape)
@@ -192,4 +193,4 @@ def select_kv_blocks_triton(
         N_PADDED=n_padded,
         num_warps=max(1, min(8, n_padded // 1024)),  # best on an H100 from 8K to 256K tokens
     )
-    return selected, kv_num, kv_idx, full_num, full_idx
+    return KVBlocks(selected, kv_num, kv_idx, full_num, full_idx)

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..torch_internals import SDPA_C_FUNCTION
 from .repeat_kv import unrepeat_kv
 
 __all__ = ["SDPA_TARGETS", "SdpaCall", "find_sdpa_calls", "rewrite_sdpa"]
@@ -20,7 +21,7 @@ __all__ = ["SDPA_TARGETS", "SdpaCall", "find_sdpa_calls", "rewrite_sdpa"]
 SDPA_TARGETS = frozenset(
     {
         F.scaled_dot_product_attention,
-        torch._C._nn.scaled_dot_product_attention,
+        SDPA_C_FUNCTION,
         torch.ops.aten.scaled_dot_product_attention.default,
         torch.ops.aten.scaled_dot_product_attention,
     }

@@ -16,7 +16,7 @@ import math
 import torch
 from einops import rearrange
 
-__all__ = ["antidiagonal_block_scores", "reduced_tile_visible"]
+__all__ = ["antidiagonal_block_scores", "reduced_tile_visible", "validate_scoring_inputs"]
 
 
 def reduced_tile_visible(
@@ -28,7 +28,7 @@ def reduced_tile_visible(
     return k_tiles[None, :] * stride <= q_tiles[:, None] * stride + stride - 1 + causal_offset
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int) -> None:
+def validate_scoring_inputs(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D (B, H, L, D), but got q.dim()={q.dim()} and k.dim()={k.dim()}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
@@ -75,7 +75,7 @@ def antidiagonal_block_scores(
         >>> antidiagonal_block_scores(q, k, stride=8, block_size=128, causal_offset=0).shape
         torch.Size([1, 4, 3, 3])
     """
-    _validate(q, k, stride, block_size)
+    validate_scoring_inputs(q, k, stride, block_size)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     S, tiles_per_block = stride, block_size // stride

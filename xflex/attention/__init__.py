@@ -1,0 +1,45 @@
+"""What one attention call runs, stage by stage (tensors in, tensors out; this
+package imports nothing of the rest of xflex but ``xflex.torch_internals``):
+
+    sdpa_args   the call's arguments, validated      -> SdpaArgs
+    pattern     what its mask means at block level   -> CallPattern (masks: mask_mod / score_mod)
+    scoring     antidiagonal block scores            -> (B, Hq, nQ, nK) fp32
+    selection   threshold cut + forced blocks        -> KVBlocks
+    block_mask  FlexAttention's BlockMask            -> BlockMask
+    flex        compiled FlexAttention               -> output
+
+``oracle`` holds the exact attention mass a selection is judged by. Each stage
+with kernels has a plain-torch ``reference`` beside them, picked by
+``backend`` (see ``backends``)."""
+
+from .backends import BACKENDS, Backend
+from .block_mask import build_block_mask
+from .flex import run_flex_attention
+from .masks import BlockVisibility, MaskMod, ScoreMod
+from .oracle import oracle_block_counts, sample_query_blocks, sampled_block_mass
+from .pattern import CallPattern, call_pattern
+from .scoring import score_blocks, scoring_backend
+from .sdpa_args import SdpaArgs
+from .selection import KVBlocks, forced_blocks, select_blocks, select_kv_blocks
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BlockVisibility",
+    "CallPattern",
+    "KVBlocks",
+    "MaskMod",
+    "ScoreMod",
+    "SdpaArgs",
+    "build_block_mask",
+    "call_pattern",
+    "forced_blocks",
+    "oracle_block_counts",
+    "run_flex_attention",
+    "sample_query_blocks",
+    "sampled_block_mass",
+    "score_blocks",
+    "scoring_backend",
+    "select_blocks",
+    "select_kv_blocks",
+]
