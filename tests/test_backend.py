@@ -1,5 +1,5 @@
 """End to end: `torch.compile(model, backend="xattn")` on a small transformer
-(DESIGN section 3, item 6), run-time settings without recompiles, options."""
+(every SDPA call routed through the xflex op), run-time settings without recompiles, options."""
 
 import importlib.metadata
 import subprocess

@@ -93,6 +93,23 @@ def test_dynamic_shapes_recompile_no_more_than_dense_compile():
     torch._dynamo.reset()
 
 
+def test_cpu_compiles_one_flex_kernel_per_length_bucket():
+    """Many lengths, a bounded number of FlexAttention kernels on the CPU: the
+    calls run padded to a power-of-two number of blocks (each length used to
+    compile its own kernel)."""
+    torch._dynamo.reset()
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, threshold=0.8)
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    with xflex.sparsity() as stats:
+        for length in (300, 333, 356, 420, 480, 512):  # 5-8 blocks of 64: one bucket of 8 blocks
+            q = torch.randn(1, 2, length, 16)
+            xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)
+    assert len(stats.sparse_calls) == 6
+    assert graphs["unique_graphs"] - before == 1
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def compiled_causal_attention():
     """One compiled SDPA call with dynamic shapes, shared by the random-settings test."""

@@ -1,5 +1,5 @@
-"""The plain-torch antidiagonal scorer against an explicit-loop reference
-(DESIGN section 3, item 4, for the reference implementation)."""
+"""The plain-torch antidiagonal scorer against an explicit-loop reference:
+ragged lengths, Lq != Lk, GQA, both causal alignments, block masks."""
 
 import math
 

@@ -1,5 +1,5 @@
 """The fused Triton antidiagonal scorer against the plain-torch reference
-(DESIGN section 3, item 4). Without CUDA the kernel runs in Triton's CPU
+(ragged lengths, Lq != Lk, GQA, dtypes, head dims). Without CUDA the kernel runs in Triton's CPU
 interpreter on fp32/fp16 inputs (its bf16 ``tl.dot`` is wrong); the GPU class
 checks realistic sizes in bf16."""
 

@@ -1,4 +1,6 @@
-"""Threshold selection properties (DESIGN section 3, items 1-3)."""
+"""Threshold selection properties: tau >= 1 keeps every visible block,
+raising tau never drops a block, every row keeps at least tau of its mass,
+forced blocks are always kept, no invisible block ever is."""
 
 import torch
 from hypothesis import given, settings, strategies as st

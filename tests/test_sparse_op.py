@@ -1,5 +1,5 @@
 """The run-time op against plain-torch attention with the selected blocks
-applied (DESIGN section 3, items 1 and 5), for every mask form SDPA takes."""
+applied, for every mask form SDPA takes."""
 
 
 import pytest

@@ -1,6 +1,5 @@
-"""Hugging Face transformers models under `torch.compile(backend="xattn")`
-(DESIGN section 3, item 6): a tiny random Llama (GQA, causal and padded mask
-paths, generate) and the real SmolLM2-135M-Instruct at a short length."""
+"""Hugging Face transformers models under `torch.compile(backend="xattn")`:
+a tiny random Llama (GQA, causal and padded mask paths, generate) and the real SmolLM2-135M-Instruct at a short length."""
 
 import copy
 import importlib.util

@@ -86,9 +86,7 @@ def _sparse_sdpa_op(
         num = torch.zeros((0, 0, 0), dtype=torch.int32, device=query.device)
         idx = torch.zeros((0, 0, 0, 0), dtype=torch.int32, device=query.device)
         return out.contiguous(), num, idx, num.clone(), idx.clone()
-    mask = call_plan.block_mask
-    layout = (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices)
-    return (out.contiguous(), *(t.clone() for t in layout))
+    return (out.contiguous(), *(t.clone() for t in call_plan.blocks.kv_layout))
 
 
 @_sparse_sdpa_op.register_fake

@@ -5,6 +5,7 @@ power users; the xflex op runs exactly this."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -13,6 +14,7 @@ from .attention import (
     CallPattern,
     KVBlocks,
     build_block_mask,
+    bucketed_flex_attention,
     call_pattern,
     forced_blocks,
     run_flex_attention,
@@ -32,15 +34,28 @@ class Plan:
         pattern: the call's mask at block level (mask_mod, score_mod, visibility).
         scores: ``(B, Hq, nQ, nK)`` fp32 antidiagonal block scores.
         blocks: the selection and its FlexAttention layout.
-        block_mask: the BlockMask FlexAttention runs.
+        block_size: the BlockMask's block size.
         scale: the call's softmax scale (None: ``1/sqrt(E)``).
+        for_backward: the BlockMask also carries the q-major indices gradients need.
     """
 
     pattern: CallPattern
     scores: torch.Tensor
     blocks: KVBlocks
-    block_mask: BlockMask
+    block_size: int
     scale: float | None
+    for_backward: bool = False
+
+    @functools.cached_property
+    def block_mask(self) -> BlockMask:
+        """The BlockMask of the selection at the call's own lengths (built on first use)."""
+        return build_block_mask(
+            *self.blocks.kv_layout,
+            mask_mod=self.pattern.mask_mod,
+            block_size=self.block_size,
+            seq_lengths=self.pattern.shape[2:],
+            for_backward=self.for_backward,
+        )
 
     @property
     def selected(self) -> torch.Tensor:
@@ -57,7 +72,21 @@ class Plan:
         return self.selected.sum().item() / max(1, self.visible.sum().item())
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """FlexAttention over the selected blocks, with the call's mask and scale."""
+        """FlexAttention over the selected blocks, with the call's mask and scale.
+
+        On the CPU the call runs padded to a bucket of lengths
+        (``attention.cpu_buckets``), so that serving many lengths compiles a
+        bounded number of kernels."""
+        if query.device.type == "cpu":
+            return bucketed_flex_attention(
+                query,
+                key,
+                value,
+                pattern=self.pattern,
+                kv_layout=self.blocks.kv_layout,
+                block_size=self.block_size,
+                scale=self.scale,
+            )
         return run_flex_attention(
             query, key, value, block_mask=self.block_mask, score_mod=self.pattern.score_mod, scale=self.scale
         )
@@ -157,15 +186,7 @@ def plan(
         (torch.Size([1, 4, 32, 32]), torch.Size([1, 4, 4096, 64]))
     """
     config = Config() if config is None else config
-    q_len, kv_len = query.shape[2], key.shape[2]
     pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
     scores = call_scores(query, key, pattern, config, scale)
-    blocks = call_selection(scores, pattern, q_len, kv_len, config, call_name)
-    block_mask = build_block_mask(
-        *blocks.kv_layout,
-        mask_mod=pattern.mask_mod,
-        block_size=config.block_size,
-        seq_lengths=(q_len, kv_len),
-        for_backward=for_backward,
-    )
-    return Plan(pattern, scores, blocks, block_mask, scale)
+    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name)
+    return Plan(pattern, scores, blocks, config.block_size, scale, for_backward)

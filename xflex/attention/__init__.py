@@ -7,6 +7,8 @@ package imports nothing of the rest of xflex but ``xflex.torch_internals``):
     selection   threshold cut + forced blocks        -> KVBlocks
     block_mask  FlexAttention's BlockMask            -> BlockMask
     flex        compiled FlexAttention               -> output
+                (cpu_buckets: the same at padded lengths, so the CPU
+                compiles one kernel per power-of-two bucket)
 
 ``oracle`` holds the exact attention mass a selection is judged by. Each stage
 with kernels has a plain-torch ``reference`` beside them, picked by
@@ -14,6 +16,7 @@ with kernels has a plain-torch ``reference`` beside them, picked by
 
 from .backends import BACKENDS, Backend
 from .block_mask import build_block_mask
+from .cpu_buckets import bucket_length, bucketed_flex_attention
 from .flex import run_flex_attention
 from .masks import BlockVisibility, MaskMod, ScoreMod
 from .oracle import oracle_block_counts, sample_query_blocks, sampled_block_mass
@@ -31,6 +34,8 @@ __all__ = [
     "MaskMod",
     "ScoreMod",
     "SdpaArgs",
+    "bucket_length",
+    "bucketed_flex_attention",
     "build_block_mask",
     "call_pattern",
     "forced_blocks",

@@ -18,6 +18,7 @@ __all__ = [
     "causal_mask",
     "boolean_mask",
     "additive_bias",
+    "key_length_mask",
     "causal_block_visibility",
     "tensor_block_visibility",
 ]
@@ -67,6 +68,16 @@ def additive_bias(bias: torch.Tensor) -> ScoreMod:
         return score + bias[b, h, q_idx, kv_idx].to(score.dtype)
 
     return add_bias
+
+
+def key_length_mask(kv_len: torch.Tensor) -> MaskMod:
+    """Keys at positions below ``kv_len`` (a 0-d tensor, so that compiled
+    kernels take it as an input instead of baking one length in)."""
+
+    def within_length(b, h, q_idx, kv_idx):
+        return kv_idx < kv_len
+
+    return within_length
 
 
 def _block_ranges(length: int, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

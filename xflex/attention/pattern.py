@@ -7,6 +7,8 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import and_masks
 
 from .masks import (
     BlockVisibility,
@@ -16,6 +18,7 @@ from .masks import (
     boolean_mask,
     causal_block_visibility,
     causal_mask,
+    key_length_mask,
     tensor_block_visibility,
 )
 
@@ -33,6 +36,8 @@ class CallPattern:
     causal: the call is causal-like (is_causal, or an explicit mask with a
         query axis), so the sink block applies.
     captures_tensors: mask_mod/score_mod read captured tensors.
+    shape: ``(B, Hq, Lq, Lk)`` of the call.
+    attn_mask: the call's own mask, 4-D as given (None for ``is_causal`` or no mask).
     """
 
     mask_mod: MaskMod | None
@@ -42,6 +47,24 @@ class CallPattern:
     diagonal_offset: int | None
     causal: bool
     captures_tensors: bool
+    shape: tuple[int, int, int, int]
+    attn_mask: torch.Tensor | None = None
+
+    def padded_mods(self, q_len: int, kv_len: int) -> tuple[MaskMod | None, ScoreMod | None]:
+        """``(mask_mod, score_mod)`` for this call's q, k and v zero-padded to
+        ``q_len`` queries and ``kv_len`` keys: the call's own mask, with the
+        padded keys hidden (rows of padded queries are don't-cares)."""
+        B, Hq, real_q_len, real_kv_len = self.shape
+        if self.attn_mask is None:
+            hide_padding = key_length_mask(torch.tensor(real_kv_len))
+            return (hide_padding if self.mask_mod is None else and_masks(self.mask_mod, hide_padding)), None
+        mask = self.attn_mask
+        pad_q = 0 if mask.shape[-2] == 1 else q_len - real_q_len
+        if mask.dtype == torch.bool:
+            padded = F.pad(mask, (0, kv_len - real_kv_len, 0, pad_q), value=False)
+            return boolean_mask(padded.expand(B, Hq, q_len, kv_len)), None
+        padded = F.pad(mask, (0, kv_len - real_kv_len, 0, pad_q), value=float("-inf"))
+        return None, additive_bias(padded.expand(B, Hq, q_len, kv_len))
 
 
 def _as_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +94,7 @@ def call_pattern(
             diagonal_offset=0,
             causal=True,
             captures_tensors=False,
+            shape=(B, Hq, Lq, Lk),
         )
     if attn_mask is None:
         everything = torch.ones(
@@ -84,6 +108,7 @@ def call_pattern(
             diagonal_offset=0 if Lq == Lk else None,
             causal=False,
             captures_tensors=False,
+            shape=(B, Hq, Lq, Lk),
         )
     mask = _as_4d(attn_mask)
     full_shape = (B, Hq, Lq, Lk)
@@ -107,4 +132,6 @@ def call_pattern(
         diagonal_offset=(0 if Lq == Lk else None) if keys_only else Lk - Lq,
         causal=not keys_only,
         captures_tensors=True,
+        shape=(B, Hq, Lq, Lk),
+        attn_mask=mask,
     )

@@ -4,7 +4,7 @@ Same contract as ``triton_kernel.scores_kernel`` (per key
 block log2-sum-exp2 in scratch, each row's log2-sum-exp2 in ``row_lse``), for
 the inputs it covers (``unsupported_reason``). What it adds is overlap: in the
 Triton kernel all warps run the per-tile softmax at once while the tensor cores
-idle (19% of its time, bench/RESULTS.md session 6). Here two consumer
+idle (19% of its time, bench/NOTES.md, "Profile of the Triton kernel"). Here two consumer
 warpgroups own the same 128 reduced query rows and alternate 128-key tiles
 (consumer w takes tiles w, w+2, ...), so one's softmax runs under the other's
 MMAs. They share a ring of Q chunks (a chunk is freed once both used it) and
@@ -39,10 +39,11 @@ BLOCK_N = 128
 # Reduced key rows a program takes (8 pairs of key tiles): the programs of a
 # row block split its keys, so those in flight at once are a few heads' query
 # row blocks by key ranges, whose q and k stay in L2, and all do about the same
-# work. Against whole rows per program, on an H200 (bench/RESULTS.md, session
-# 8): 9-11% less time at 64K-128K, S=8; 1024 about the same, 4096 slower, 512 mixed.
+# work. Against whole rows per program, on an H200 (bench/NOTES.md, "Key ranges
+# per program"): 9-11% less time at 64K-128K, S=8; 1024 about the same, 4096
+# slower, 512 mixed.
 KEY_RANGE = 2048
-# Measured on an H200 (bench/RESULTS.md, session 7): BLOCK_K 32 with deeper
+# Measured on an H200 (bench/NOTES.md, "The Gluon scorer"): BLOCK_K 32 with deeper
 # rings is 4-10% slower, two K stages (to deepen the Q ring) 4-17% slower.
 # Q_DEPTH - 2 is consumer 1's head start, in chunks: the rest is prefetch.
 CONFIG = dict(BLOCK_K=64, Q_DEPTH=7, K_DEPTH=3)

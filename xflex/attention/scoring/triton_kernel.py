@@ -35,7 +35,7 @@ _SCRATCH_BYTES = 256 * 2**20
 # 128x256 is the largest tile whose fp32 accumulator fits the registers and
 # the fastest on an H100/H200; what the kernel loses to a plain GEMM of the
 # same shape is the per-tile softmax, during which the tensor cores idle
-# (bench/RESULTS.md, session 4).
+# (bench/NOTES.md, "Hoisted reduction-loop addressing").
 # FLATTEN pipelines the key-tile and reduction loops as one loop, so loads for
 # the next key tile overlap the softmax of this one: within 5% either way on an
 # H100 (it depends on S and L), hence a tuning choice.
@@ -359,7 +359,8 @@ def normalise_kernel(
     blocks up to its causal diagonal, all of which the scorer wrote (its
     programs end at their last row's diagonal)."""
     # A kernel of its own, not a tail of the scoring kernel: there it kept each
-    # SM's tensor cores idle while it waited on memory (bench/RESULTS.md, session 6).
+    # SM's tensor cores idle while it waited on memory (bench/NOTES.md, "The
+    # normalisation pass as its own kernel").
     Q_BLOCKS: tl.constexpr = ROWS // TILES_PER_BLOCK
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
