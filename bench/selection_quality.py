@@ -1,34 +1,89 @@
-"""Selection quality on real attention: for every layer of SmolLM2-135M on
-~7K tokens of real text, how much of the true attention mass the selected
-blocks hold (recall) and how many blocks they take (density), against the
-oracle (the fewest blocks whose true mass reaches tau).
+"""Selection quality: recall (the true attention mass inside the selected
+blocks) against density, per method and threshold, beside the oracle (the
+fewest blocks that reach the same recall, row by row), on the synthetic input
+families of ``bench/inputs.py`` and on SmolLM2-135M's real attention, layer by
+layer.
 
-Recall and oracle are exact on sampled query blocks (true softmax rows over
-all keys). Variants change the selection rules or the scorer's softmax
-temperature, so their numbers can be compared side by side.
+Recall and oracle are exact on evaluation query blocks spread over the
+sequence (true softmax rows over all keys), chosen apart from the adaptive
+method's probe blocks so that it is not scored on the rows it calibrated on.
 
-    python -m bench.selection_quality [--tokens 7000] [--samples 12] [--out table.md]
-    python -m bench.selection_quality --per-layer-target 0.9   # calibrated per-layer tau vs global tau
+    python -m bench.selection_quality --families llm spiky needle video diffuse --length 16384
+    python -m bench.selection_quality --smollm2 --tokens 4096 --texts gpl3 argparse pydoc
+    python -m bench.selection_quality --device cuda --length 32768 --plot-dir bench/plots
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
+import statistics
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import xflex
+from bench import texts
+from bench.inputs import FAMILIES, make_inputs
 from xflex import demo
-from xflex.attention import oracle_block_counts, sampled_block_mass
+from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
+
+METHODS = {"antidiagonal": (0.8, 0.9, 0.95, 0.98), "adaptive": (0.8, 0.9, 0.95, 0.98)}
+
+
+@dataclasses.dataclass
+class Point:
+    """One (input, method, threshold) measurement over the evaluation rows."""
+
+    source: str  # family name, or "layer N" of a text
+    method: str
+    threshold: float
+    recall: float  # mean over heads and rows
+    worst_recall: float  # the worst (head, row)
+    density: float  # selected / visible blocks, mean over heads and rows
+    oracle: float  # the oracle's density at each row's recall, mean
+
+
+def evaluation_blocks(n_q: int, count: int, probe_blocks: int, causal: bool) -> list[int]:
+    """Query blocks spread over the call, none of them an adaptive probe block."""
+    from xflex.attention.selection.probes import probe_query_blocks
+
+    probes = set(probe_query_blocks(n_q, probe_blocks, causal=causal))
+    candidates = [b for b in range(1, n_q) if b not in probes]
+    picks = torch.linspace(0, len(candidates) - 1, min(count, len(candidates))).round().long().tolist()
+    return sorted({candidates[i] for i in picks})
+
+
+def measure(source: str, q: torch.Tensor, k: torch.Tensor, causal: bool, *, stride: int, samples: int) -> list[Point]:
+    """Every method and threshold of ``METHODS`` on one call."""
+    config = xflex.Config(block_size=128, min_seq_len=0, stride=stride)
+    n_q = math.ceil(q.shape[2] / config.block_size)
+    rows = evaluation_blocks(n_q, samples, config.probe_blocks, causal)
+    mass = sampled_block_mass(q, k, None, causal, None, config.block_size, rows)  # (B, H, R, nK)
+    visible = call_pattern(q, k, None, causal, config.block_size).visibility.any[:, :, rows].float()
+    n_visible = visible.sum(-1)
+    points = []
+    for method, thresholds in METHODS.items():
+        for threshold in thresholds:
+            run = dataclasses.replace(config, method=method, threshold=threshold)
+            selected = xflex.plan(q, k, is_causal=causal, config=run).selected[:, :, rows]
+            recall = (mass * selected).sum(-1)
+            density = selected.sum(-1) / n_visible
+            oracle = oracle_block_counts(mass, recall) / n_visible
+            points.append(
+                Point(source, method, threshold, recall.mean().item(), recall.min().item(), density.mean().item(), oracle.mean().item())
+            )
+    return points
 
 
 @contextlib.contextmanager
-def captured_attention_inputs():
-    """Record (q, k, scale) of every SDPA call made inside the block (eager)."""
+def captured_attention_inputs() -> Iterator[list[tuple]]:
+    """Record ``(q, k, attn_mask, is_causal, scale)`` of every SDPA call made inside the block (eager)."""
     calls = []
     original = F.scaled_dot_product_attention
 
@@ -43,119 +98,124 @@ def captured_attention_inputs():
         F.scaled_dot_product_attention = original
 
 
-VARIANTS = {
-    "tau0.9 S8": (dict(threshold=0.9, stride=8), 1.0),
-    "tau0.9 S16": (dict(threshold=0.9, stride=16), 1.0),
-    "tau0.9 S8 temp x0.5": (dict(threshold=0.9, stride=8), 0.5),
-    "tau0.9 S8 temp x0.7": (dict(threshold=0.9, stride=8), 0.7),
-    "tau0.9 S8 temp x0.8": (dict(threshold=0.9, stride=8), 0.8),
-    "tau0.9 S16 temp x0.7": (dict(threshold=0.9, stride=16), 0.7),
-    "tau0.9 S8 temp x2": (dict(threshold=0.9, stride=8), 2.0),
-    "tau0.9 S8 recent 256": (dict(threshold=0.9, stride=8, keep_recent=256), 1.0),
-    "tau0.95 S8": (dict(threshold=0.95, stride=8), 1.0),
-}
+def smollm2_points(text_names: list[str], tokens: int, stride: int, samples: int, device: torch.device) -> dict[str, list[Point]]:
+    """Per text, the points of every layer of SmolLM2-135M on its first ``tokens`` tokens."""
+    model, tokenizer = demo.load_smollm2(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    out = {}
+    for name in text_names:
+        ids = tokenizer(texts.read(name), return_tensors="pt").input_ids[:, :tokens].to(device)
+        with torch.no_grad(), captured_attention_inputs() as calls:
+            model(ids)
+        demo.log(f"{name}: {ids.shape[1]} tokens, {len(calls)} attention calls")
+        points = []
+        for layer, (q, k, mask, causal, scale) in enumerate(calls):
+            if mask is not None or not causal:
+                raise RuntimeError("SmolLM2 was expected to call SDPA with is_causal=True and no mask")
+            with torch.no_grad():
+                points += measure(f"layer {layer}", q, k, True, stride=stride, samples=samples)
+        out[name] = points
+    return out
 
 
-_TAU_GRID = (0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+def summary(points: list[Point]) -> list[tuple[str, float, float, float, float, float, str]]:
+    """Per (method, threshold): mean recall, the worst source's mean recall, the
+    worst (head, row) recall, density, oracle density, worst source name."""
+    rows = []
+    keys = dict.fromkeys((p.method, p.threshold) for p in points)
+    for method, threshold in keys:
+        group = [p for p in points if (p.method, p.threshold) == (method, threshold)]
+        worst = min(group, key=lambda p: p.recall)
+        rows.append(
+            (
+                f"{method} {threshold:g}",
+                statistics.mean(p.recall for p in group),
+                worst.recall,
+                min(p.worst_recall for p in group),
+                statistics.mean(p.density for p in group),
+                statistics.mean(p.oracle for p in group),
+                worst.source,
+            )
+        )
+    return rows
 
 
-def capture(model, tokenizer, path, tokens):
-    """``(q, k, scale)`` of every layer's attention on the first ``tokens`` tokens of ``path``."""
-    ids = tokenizer(open(path).read(), return_tensors="pt").input_ids[:, :tokens]
-    demo.log(f"capturing q/k of every layer on {ids.shape[1]} tokens of {path}")
-    with torch.no_grad(), captured_attention_inputs() as calls:
-        model(ids)
-    return [(q, k, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale) for q, k, _mask, _causal, scale in calls], ids.shape[1]
-
-
-def measure(calls, length, block_size, samples, settings_for_layer):
-    """Per layer: oracle density at tau 0.9 and ``{name: (recall, density)}`` for
-    each variant ``settings_for_layer(layer) -> {name: (config kwargs, temperature)}``."""
-    n_q = math.ceil(length / block_size)
-    q_blocks = sorted(set(torch.linspace(2, n_q - 1, samples).round().long().tolist()))
-    visible = torch.tensor([i + 1 for i in q_blocks], dtype=torch.float32)
-    per_layer = []
-    for layer, (q, k, scale) in enumerate(calls):
-        mass = sampled_block_mass(q, k, None, True, scale, block_size, q_blocks)[0]
-        oracle = (oracle_block_counts(mass, 0.9).float() / visible).mean().item()
-        results = {}
-        for name, (settings, temperature) in settings_for_layer(layer).items():
-            config = xflex.Config(block_size=block_size, **settings)
-            # Only the scorer sees the scale: scaling it is a scorer temperature.
-            chosen = xflex.plan(q, k, is_causal=True, scale=scale * temperature, config=config).selected[0][:, q_blocks]
-            results[name] = ((mass * chosen).sum(-1).mean().item(), (chosen.sum(-1).float() / visible).mean().item())
-        per_layer.append((oracle, results))
-        demo.log(f"layer {layer}: oracle {oracle:.3f} " + " ".join(f"{n}={r:.2f}/{d:.2f}" for n, (r, d) in results.items()))
-    return per_layer
-
-
-def calibrate(calls, length, block_size, samples, stride, target):
-    """Per layer, the smallest tau in the grid whose recall reaches ``target``
-    (the largest when none does)."""
-    grid = {f"tau{t}": (dict(threshold=t, stride=stride), 1.0) for t in _TAU_GRID}
-    taus = []
-    for _oracle, results in measure(calls, length, block_size, samples, lambda layer: grid):
-        reaching = [t for t in _TAU_GRID if results[f"tau{t}"][0] >= target]
-        taus.append(reaching[0] if reaching else _TAU_GRID[-1])
-    return taus
-
-
-def table(per_layer) -> str:
-    lines = ["| variant | mean recall | min recall (layer) | recall layers 3-10 | density (sampled rows) | oracle density tau 0.9 |", "|---|---|---|---|---|---|"]
-    mean_oracle = sum(o for o, _ in per_layer) / len(per_layer)
-    for name in per_layer[0][1]:
-        recalls = [results[name][0] for _, results in per_layer]
-        densities = [results[name][1] for _, results in per_layer]
-        worst = min(range(len(recalls)), key=recalls.__getitem__)
-        mid = recalls[3:11]
+def table(title: str, points: list[Point]) -> str:
+    lines = [
+        f"#### {title}",
+        "",
+        "| method, threshold | recall (mean) | recall (worst layer / family) | recall (worst head row) | density | oracle density at that recall | density / oracle |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, recall, worst, worst_row, density, oracle, worst_source in summary(points):
         lines.append(
-            f"| {name} | {sum(recalls) / len(recalls):.3f} | {recalls[worst]:.3f} ({worst}) | {min(mid):.2f}-{max(mid):.2f} "
-            f"| {sum(densities) / len(densities):.3f} | {mean_oracle:.3f} |"
+            f"| {name} | {recall:.3f} | {worst:.3f} ({worst_source}) | {worst_row:.3f} | {density:.3f} | {oracle:.3f} | {density / max(oracle, 1e-9):.2f} |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
+def plot(title: str, points: list[Point], path: Path) -> None:
+    """Recall against density per method, and the oracle's curve."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        demo.log("matplotlib not installed: plot skipped (pip install 'xflex[bench]')")
+        return
+    fig, axis = plt.subplots(figsize=(5.5, 4.2))
+    for method, marker in (("antidiagonal", "o"), ("adaptive", "s")):
+        group = [row for row in summary(points) if row[0].startswith(method)]
+        axis.plot([r[4] for r in group], [r[1] for r in group], marker=marker, label=method)
+        axis.plot([r[5] for r in group], [r[1] for r in group], marker=marker, linestyle=":", color="gray", alpha=0.7)
+    axis.plot([], [], linestyle=":", color="gray", label="oracle at the same recall")
+    axis.set(xlabel="density (computed / visible blocks)", ylabel="recall (true mass kept)", title=title, xlim=(0, 1.02), ylim=(0.6, 1.01))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    demo.log(f"plot written to {path}")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=7000)
-    parser.add_argument("--samples", type=int, default=12, help="query blocks sampled per layer")
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument(
-        "--per-layer-target",
-        type=float,
-        help="also calibrate one tau per layer (the smallest of %s whose recall reaches this) on --calibration-text "
-        "and compare it with global taus" % (_TAU_GRID,),
-    )
-    parser.add_argument("--calibration-text", default="/usr/share/common-licenses/LGPL-2.1")
-    parser.add_argument("--stride", type=int, default=8, help="stride of the per-layer comparison")
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    demo.log("loading SmolLM2-135M-Instruct")
-    model, tokenizer = demo.load_smollm2(torch.device("cpu"), torch.float32)
-    variants = dict(VARIANTS)
-    if args.per_layer_target is not None:
-        calibration, cal_length = capture(model, tokenizer, args.calibration_text, args.tokens)
-        taus = calibrate(calibration, cal_length, args.block_size, args.samples, args.stride, args.per_layer_target)
-        print(f"per-layer taus for recall >= {args.per_layer_target} on {args.calibration_text}: {taus}")
-        by_call = {f"model.layers.{i}.self_attn": t for i, t in enumerate(taus) if t != _TAU_GRID[0]}
-        print(f"as xflex options (Hugging Face call names): threshold={_TAU_GRID[0]}, threshold_by_call={by_call}")
-        del calibration
-        globals_ = {f"tau{t} S{args.stride}": (dict(threshold=t, stride=args.stride), 1.0) for t in (0.9, 0.95, 0.97)}
-        name = f"per-layer tau (recall >= {args.per_layer_target} on calibration text) S{args.stride}"
-        variants = {**globals_, name: None}
-    calls, length = capture(model, tokenizer, demo.DEFAULT_TEXT, args.tokens)
-
-    def settings_for_layer(layer):
-        return {n: v if v is not None else (dict(threshold=taus[layer], stride=args.stride), 1.0) for n, v in variants.items()}
-
-    per_layer = measure(calls, length, args.block_size, args.samples, settings_for_layer)
-    result = table(per_layer)
-    print(f"SmolLM2-135M, {length} tokens of GPL-3, {len(calls)} layers, {args.samples} sampled query blocks per layer")
-    print(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(result + "\n")
+    parser.add_argument("--families", nargs="*", default=["llm", "spiky", "needle", "video", "diffuse"], choices=list(FAMILIES))
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M's layers on real texts")
+    parser.add_argument("--texts", nargs="+", default=["gpl3", "argparse", "pydoc"], choices=list(texts.TEXTS))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--plot-dir", type=Path, default=None, help="one PNG per family / text here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    sections = []
+    for family in args.families:
+        points = []
+        for seed in args.seeds:
+            q, k, _ = make_inputs(family, args.length, heads=args.heads, kv_heads=args.heads, head_dim=128, device=device, dtype=dtype, seed=seed)
+            with torch.no_grad():
+                points += measure(family, q, k, FAMILIES[family].causal, stride=args.stride, samples=args.samples)
+            del q, k
+        title = f"{family}, {args.length} tokens, H={args.heads}, D=128, S={args.stride}, seeds {args.seeds}"
+        sections.append(table(title, points))
+        print(sections[-1], flush=True)
+        if args.plot_dir:
+            plot(title, points, args.plot_dir / f"selection_{family}.png")
+    if args.smollm2:
+        for name, points in smollm2_points(args.texts, args.tokens, args.stride, args.samples, device).items():
+            title = f"SmolLM2-135M, {name}, {args.tokens} tokens, 30 layers, S={args.stride}"
+            sections.append(table(title, points))
+            print(sections[-1], flush=True)
+            if args.plot_dir:
+                plot(title, points, args.plot_dir / f"selection_smollm2_{name}.png")
+    return 0
 
 
 if __name__ == "__main__":

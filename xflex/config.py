@@ -12,14 +12,25 @@ from functools import lru_cache
 
 import torch
 
+from typing import Literal, get_args
+
 from .attention.backends import BACKENDS, Backend
 
-__all__ = ["COMPILE_TIME_OPTIONS", "Config", "RUNTIME_OPTIONS", "Threshold"]
+__all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "Threshold"]
 
 _BLOCK_SIZES = (32, 64, 128, 256)
 
 Threshold = float | tuple[float, ...]
 """One tau for every query head, or one per query head."""
+
+Method = Literal["adaptive", "antidiagonal"]
+"""How blocks are chosen. ``"antidiagonal"``: XAttention's rule, each query
+block keeps the fewest key blocks whose *estimated* mass reaches ``threshold``.
+``"adaptive"``: the same estimate, but per head the threshold and scorer
+temperature are chosen, on a few probe query blocks whose exact attention is
+computed, so that the kept blocks hold ``threshold`` of the *true* mass there
+(``xflex.attention.selection.probes``)."""
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +39,14 @@ class Config:
 
     Attributes:
         enabled: run attention block-sparse (False: every call runs dense SDPA).
-        threshold: tau in (0, 1]: each query block keeps the fewest key blocks
-            whose estimated attention mass reaches tau (1.0 keeps all visible
-            blocks). A sequence gives one value per query head.
+        method: ``"adaptive"`` or ``"antidiagonal"`` (see :data:`Method`).
+        threshold: tau in (0, 1], the share of attention mass to keep: of the
+            true mass on probe rows (``"adaptive"``), or of the estimated mass
+            in every row (``"antidiagonal"``); 1.0 keeps every visible block.
+            A sequence gives one value per query head.
+        probe_blocks: query blocks per call whose exact attention calibrates
+            the ``"adaptive"`` method (the last ones of a causal call, spread
+            over the sequence otherwise).
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
@@ -42,6 +58,11 @@ class Config:
         keep_sink: causal calls always keep the first key block.
         keep_recent: tokens before each query's own position whose blocks are
             always kept (0: just the diagonal block).
+        dense_row_blocks: a query block that sees at most this many key blocks
+            keeps all of them: the estimate only drops blocks from rows that
+            see more. Sliding-window and local attention (whose own mask
+            already skips the far blocks), short cross-attention and the first
+            rows of a causal call stay exact.
         backend: which implementation the scoring and selection stages run:
             "auto" (Triton kernels on CUDA when Triton is installed, the Gluon
             scorer for large Hopper calls, plain torch on the CPU), "torch",
@@ -49,13 +70,16 @@ class Config:
     """
 
     enabled: bool = True
-    threshold: Threshold = 0.9
+    method: Method = "adaptive"
+    threshold: Threshold = 0.95
+    probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     stride: int = 8
     block_size: int = 128
     min_seq_len: int = 1024
     keep_sink: bool = True
     keep_recent: int = 0
+    dense_row_blocks: int = 16
     backend: Backend = "auto"
 
     def __post_init__(self) -> None:
@@ -195,4 +219,7 @@ def _validate_config(c: Config) -> None:
     _check(_is_int(c.min_seq_len) and c.min_seq_len >= 0, "min_seq_len", "an int >= 0", c.min_seq_len)
     _check(isinstance(c.keep_sink, bool), "keep_sink", "a bool", c.keep_sink)
     _check(_is_int(c.keep_recent) and c.keep_recent >= 0, "keep_recent", "an int >= 0 (tokens)", c.keep_recent)
+    _check(_is_int(c.dense_row_blocks) and c.dense_row_blocks >= 0, "dense_row_blocks", "an int >= 0 (blocks)", c.dense_row_blocks)
     _check(c.backend in BACKENDS, "backend", f"one of {BACKENDS}", c.backend)
+    _check(c.method in METHODS, "method", f"one of {METHODS}", c.method)
+    _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)

@@ -10,7 +10,7 @@ import enum
 from collections.abc import Iterator, Mapping, Sequence
 
 from .attention.backends import Backend
-from .config import Config
+from .config import Config, Method
 from .stats import CallRecord, SparsityStats
 
 __all__ = ["UNSET", "effective_config", "record_call", "recording", "sparsity"]
@@ -42,12 +42,15 @@ _VALIDATION_BASE = Config(block_size=256)
 def sparsity(
     *,
     enabled: bool | _Unset = UNSET,
+    method: Method | _Unset = UNSET,
     threshold: float | Sequence[float] | _Unset = UNSET,
+    probe_blocks: int | _Unset = UNSET,
     threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
     stride: int | _Unset = UNSET,
     min_seq_len: int | _Unset = UNSET,
     keep_sink: bool | _Unset = UNSET,
     keep_recent: int | _Unset = UNSET,
+    dense_row_blocks: int | _Unset = UNSET,
     backend: Backend | _Unset = UNSET,
 ) -> Iterator[SparsityStats]:
     """Change xflex settings for the attention calls inside the block.
@@ -59,12 +62,15 @@ def sparsity(
 
     Args:
         enabled: False runs every call as the model's own dense SDPA.
+        method: "adaptive" or "antidiagonal" (see ``xflex.Config``).
         threshold: tau in (0, 1], or one per query head.
+        probe_blocks: query blocks per call that calibrate the adaptive method.
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
         stride: antidiagonal stride, a divisor of the block size.
         min_seq_len: calls with fewer keys run dense.
         keep_sink: causal calls always keep key block 0.
         keep_recent: tokens before each query whose blocks are always kept.
+        dense_row_blocks: query blocks that see at most this many key blocks keep them all.
         backend: "auto", "torch", "triton" or "gluon".
 
     Yields:
@@ -78,12 +84,15 @@ def sparsity(
     """
     given = dict(
         enabled=enabled,
+        method=method,
         threshold=threshold,
+        probe_blocks=probe_blocks,
         threshold_by_call=threshold_by_call,
         stride=stride,
         min_seq_len=min_seq_len,
         keep_sink=keep_sink,
         keep_recent=keep_recent,
+        dense_row_blocks=dense_row_blocks,
         backend=backend,
     )
     overrides = {name: value for name, value in given.items() if value is not UNSET}

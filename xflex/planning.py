@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from collections.abc import Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -16,14 +18,22 @@ from .attention import (
     build_block_mask,
     bucketed_flex_attention,
     call_pattern,
+    exact_block_mass,
     forced_blocks,
     run_flex_attention,
     score_blocks,
     select_kv_blocks,
 )
+from .attention.selection.probes import (
+    PROBE_TEMPERATURES,
+    PROBE_THRESHOLDS,
+    cheapest_reaching,
+    probe_query_blocks,
+    threshold_rule_on_probes,
+)
 from .config import Config
 
-__all__ = ["Plan", "call_forced_blocks", "call_scores", "call_selection", "plan"]
+__all__ = ["Plan", "call_forced_blocks", "call_scores", "call_selection", "plan", "probe_calibration"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +103,23 @@ class Plan:
 
 
 def call_scores(
-    query: torch.Tensor, key: torch.Tensor, pattern: CallPattern, config: Config, scale: float | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pattern: CallPattern,
+    config: Config,
+    scale: float | None = None,
+    *,
+    q_blocks: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Stage 1 for one call: antidiagonal block scores under its mask.
+
+    Args:
+        query, key: the call's (``query`` may be scaled per head: a temperature).
+        pattern: the call's :class:`CallPattern`.
+        config: stride, block size and backend.
+        scale: the scorer's softmax scale (None: ``1/sqrt(E)``).
+        q_blocks: score only these query blocks (the last ones of a call that
+            is causal by ``is_causal``; any of the others).
 
     Example:
         >>> pattern = call_pattern(q, k, None, True, config.block_size)   # doctest: +SKIP
@@ -106,22 +130,33 @@ def call_scores(
     block_visible = None
     if pattern.causal_offset is None and (pattern.mask_mod is not None or pattern.score_mod is not None):
         block_visible = pattern.visibility.any
+    causal_offset = pattern.causal_offset
+    if q_blocks is not None:
+        bs = config.block_size
+        if causal_offset is not None:
+            # One causal alignment for all rows: the blocks are the call's last ones.
+            start = q_blocks[0] * bs
+            query, causal_offset = query[:, :, start:], causal_offset + start
+        else:
+            query = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
+        block_visible = None if block_visible is None else block_visible[:, :, list(q_blocks)]
     return score_blocks(
         query,
         key,
         stride=config.stride,
         block_size=config.block_size,
         scale=scale,
-        causal_offset=pattern.causal_offset,
+        causal_offset=causal_offset,
         block_visible=block_visible,
         backend=config.backend,
     )
 
 
 def call_forced_blocks(pattern: CallPattern, q_len: int, kv_len: int, config: Config, device: torch.device) -> torch.Tensor:
-    """``(1, 1, nQ, nK)`` bool: the blocks a call keeps whatever their score
-    (its diagonal, widened by ``keep_recent``; the sink when causal)."""
-    return forced_blocks(
+    """``(B|1, H|1, nQ, nK)`` bool: the blocks a call keeps whatever their
+    score: its diagonal (widened by ``keep_recent``), the sink when causal, and
+    every visible block of the rows that see at most ``dense_row_blocks``."""
+    forced = forced_blocks(
         q_len,
         kv_len,
         config.block_size,
@@ -130,17 +165,38 @@ def call_forced_blocks(pattern: CallPattern, q_len: int, kv_len: int, config: Co
         keep_recent=config.keep_recent,
         device=device,
     )
+    if config.dense_row_blocks == 0:
+        return forced
+    visible = pattern.visibility.any
+    return forced | (visible & (visible.sum(-1, keepdim=True) <= config.dense_row_blocks))
 
 
 def call_selection(
-    scores: torch.Tensor, pattern: CallPattern, q_len: int, kv_len: int, config: Config, call_name: str = ""
+    scores: torch.Tensor,
+    pattern: CallPattern,
+    q_len: int,
+    kv_len: int,
+    config: Config,
+    call_name: str = "",
+    *,
+    threshold: torch.Tensor | None = None,
 ) -> KVBlocks:
-    """Stage 2 for one call: forced blocks plus the threshold cut at the
-    call's threshold (``threshold_by_call``), in FlexAttention's kv layout.
+    """Stage 2 for one call: forced blocks plus the threshold cut, in
+    FlexAttention's kv layout.
+
+    Args:
+        scores: the call's block scores.
+        pattern, q_len, kv_len, config: the call.
+        call_name: picks the threshold from ``config.threshold_by_call``.
+        threshold: ``(1, H, 1, 1)`` per-head thresholds instead (what
+        :func:`probe_calibration` chose).
 
     Example:
         >>> blocks = call_selection(scores, pattern, q.shape[2], k.shape[2], config)   # doctest: +SKIP
     """
+    if threshold is None:
+        threshold = config.threshold_tensor(scores.shape[1], scores.device, call_name)
+    forced = call_forced_blocks(pattern, q_len, kv_len, config, scores.device)
     # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
     # full blocks: there every selected block carries the mask_mod.
     no_full_blocks = pattern.captures_tensors and scores.device.type == "cpu"
@@ -148,10 +204,57 @@ def call_selection(
         scores,
         visible=pattern.visibility.any,
         fully_visible=None if no_full_blocks else pattern.visibility.all,
-        forced=call_forced_blocks(pattern, q_len, kv_len, config, scores.device),
-        threshold=config.threshold_tensor(scores.shape[1], scores.device, call_name),
+        forced=forced,
+        threshold=threshold,
         backend=config.backend,
     )
+
+
+def probe_calibration(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    pattern: CallPattern,
+    config: Config,
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"adaptive"`` method's choice for one call: per head, the scorer
+    temperature and threshold whose selection keeps ``target`` of the true
+    attention mass on ``config.probe_blocks`` probe query blocks, with the
+    fewest blocks (no host synchronisation).
+
+    Args:
+        query, key, attn_mask, is_causal, scale: the call's SDPA arguments.
+        pattern, config: the call's pattern and settings.
+        target: ``(1, H, 1, 1)`` the recall each query head must reach.
+
+    Returns:
+        ``(temperature, threshold)``, each ``(1, H, 1, 1)`` fp32.
+
+    Example:
+        >>> t, tau = probe_calibration(q, k, None, True, None, pattern, config, target)   # doctest: +SKIP
+    """
+    n_q = math.ceil(query.shape[2] / config.block_size)
+    probes = probe_query_blocks(n_q, config.probe_blocks, causal=pattern.causal_offset is not None or pattern.causal)
+    if pattern.causal_offset is not None:
+        probes = list(range(n_q - len(probes), n_q))
+    mass = exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
+    softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    temperatures = [t for t in PROBE_TEMPERATURES if t <= config.stride]
+    scores = torch.stack(
+        [call_scores(query, key, pattern, config, softmax_scale * t, q_blocks=probes) for t in temperatures]
+    )
+    visible = pattern.visibility.any[:, :, probes]
+    forced = call_forced_blocks(pattern, query.shape[2], key.shape[2], config, query.device)[:, :, probes]
+    thresholds = torch.tensor(PROBE_THRESHOLDS, device=query.device)
+    recall, kept = threshold_rule_on_probes(scores, mass, visible=visible, forced=forced, thresholds=thresholds)
+    # (thresholds, temperatures, B, H, P) -> per head, over batch and probe rows
+    cost = kept / visible.expand_as(mass).sum(-1).clamp_min(1)
+    best = cheapest_reaching(recall.mean((2, 4)).flatten(0, 1), cost.mean((2, 4)).flatten(0, 1), target.view(-1))
+    temperature = torch.tensor(temperatures, device=query.device)[best % len(temperatures)]
+    return temperature.view(1, -1, 1, 1), thresholds[best // len(temperatures)].view(1, -1, 1, 1)
 
 
 def plan(
@@ -187,6 +290,12 @@ def plan(
     """
     config = Config() if config is None else config
     pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
-    scores = call_scores(query, key, pattern, config, scale)
-    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name)
+    threshold = config.threshold_tensor(query.shape[1], query.device, call_name)
+    scoring_query = query
+    if config.method == "adaptive" and config.threshold_for(call_name) != 1.0:
+        temperature, threshold = probe_calibration(query, key, attn_mask, is_causal, scale, pattern, config, threshold)
+        # Temperatures are powers of two: exact in any float dtype.
+        scoring_query = query * temperature.to(query.dtype)
+    scores = call_scores(scoring_query, key, pattern, config, scale)
+    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, threshold=threshold)
     return Plan(pattern, scores, blocks, config.block_size, scale, for_backward)

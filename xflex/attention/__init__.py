@@ -19,7 +19,7 @@ from .block_mask import build_block_mask
 from .cpu_buckets import bucket_length, bucketed_flex_attention
 from .flex import run_flex_attention
 from .masks import BlockVisibility, MaskMod, ScoreMod
-from .oracle import oracle_block_counts, sample_query_blocks, sampled_block_mass
+from .oracle import exact_block_mass, oracle_block_counts, sample_query_blocks, sampled_block_mass
 from .pattern import CallPattern, call_pattern
 from .scoring import score_blocks, scoring_backend
 from .sdpa_args import SdpaArgs
@@ -38,6 +38,7 @@ __all__ = [
     "bucketed_flex_attention",
     "build_block_mask",
     "call_pattern",
+    "exact_block_mass",
     "forced_blocks",
     "oracle_block_counts",
     "run_flex_attention",

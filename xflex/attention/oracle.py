@@ -10,7 +10,12 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["oracle_block_counts", "sample_query_blocks", "sampled_block_mass"]
+from .backends import Backend
+from .scoring import score_blocks
+
+__all__ = ["exact_block_mass", "oracle_block_counts", "sample_query_blocks", "sampled_block_mass"]
+
+_MAX_TILES_PER_BLOCK = 128  # the scorers' limit on block_size // stride
 
 
 def sample_query_blocks(num_query_blocks: int, samples: int) -> list[int]:
@@ -71,13 +76,56 @@ def sampled_block_mass(
     return out
 
 
-def oracle_block_counts(mass: torch.Tensor, threshold: float) -> torch.Tensor:
+def exact_block_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    block_size: int,
+    q_blocks: Sequence[int],
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """:func:`sampled_block_mass`, fast where the call allows: the block scorer
+    at stride 1 is exact attention (a 1 x 1 tile's antidiagonal is its entry),
+    so on CUDA one fused kernel gives every probe row's block masses. It takes
+    calls without a mask, and causal calls whose blocks are the last ones
+    (one causal alignment); other calls take :func:`sampled_block_mass`.
+
+    Example:
+        >>> q = k = torch.randn(1, 2, 512, 64)
+        >>> exact_block_mass(q, k, None, True, None, 128, [2, 3]).sum(-1)
+        tensor([[[1.0000, 1.0000],
+                 [1.0000, 1.0000]]])
+    """
+    n_q = math.ceil(query.shape[2] / block_size)
+    blocks = list(q_blocks)
+    last_blocks = blocks == list(range(n_q - len(blocks), n_q))
+    fits = block_size <= _MAX_TILES_PER_BLOCK and attn_mask is None and (last_blocks or not is_causal)
+    if not fits or backend == "torch" or not (query.is_cuda or backend != "auto"):
+        return sampled_block_mass(query, key, attn_mask, is_causal, scale, block_size, blocks)
+    start = blocks[0] * block_size
+    rows = query[:, :, start:] if is_causal else torch.cat([query[:, :, b * block_size : (b + 1) * block_size] for b in blocks], 2)
+    sums = score_blocks(
+        rows, key, stride=1, block_size=block_size, scale=scale, causal_offset=start if is_causal else None, backend=backend
+    )
+    # Each block's rows sum to its row count (the last may be ragged): the mean row.
+    counts = torch.tensor(
+        [min(block_size, query.shape[2] - b * block_size) for b in blocks], dtype=torch.float32, device=query.device
+    )
+    return sums / counts[:, None]
+
+
+def oracle_block_counts(mass: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """The fewest key blocks per row whose true mass reaches ``threshold``.
 
     Args:
         mass: ``(..., nK)`` true attention mass per key block (rows sum to 1,
             or to 0 for rows that see no key), e.g. from :func:`sampled_block_mass`.
-        threshold: the share of each row's mass to reach, in (0, 1].
+        threshold: the share of each row's mass to reach, in (0, 1]: a float,
+            or a tensor of shape ``mass.shape[:-1]`` (one per row, e.g. the
+            recall a selection reached there).
 
     Returns:
         ``(...)`` int64 block counts (the block that crosses the threshold counts).
@@ -88,4 +136,7 @@ def oracle_block_counts(mass: torch.Tensor, threshold: float) -> torch.Tensor:
     """
     ranked = mass.sort(-1, descending=True).values
     before = ranked.cumsum(-1) - ranked
-    return (before < threshold * mass.sum(-1, keepdim=True)).sum(-1)
+    threshold = torch.as_tensor(threshold, dtype=mass.dtype, device=mass.device)
+    threshold = threshold.unsqueeze(-1) if threshold.dim() else threshold
+    # 1e-6: a selection's own recall, summed in another order, must not need one more block.
+    return (before < (threshold - 1e-6) * mass.sum(-1, keepdim=True)).sum(-1)
