@@ -4,7 +4,7 @@ For B=1, H=32, D=128, bf16, causal and L in 8K..128K: cuDNN and flash SDPA
 times, then xflex (scoring + selection + BlockMask + FlexAttention) at
 threshold 0.9 for strides 8 and 16, with the time split into its stages
 (building the BlockMask launches no GPU work: it is not a column) and
-the density, on LLM-like synthetic inputs (bench/synthetic.py). Correctness is
+the density, on LLM-like synthetic inputs (xflex/benchmark/inputs.py). Correctness is
 checked before timing (threshold 1.0 against cuDNN at the smallest length).
 
     python -m bench.end_to_end [--lengths 8192 32768] [--out table.md]
@@ -19,7 +19,7 @@ import torch
 
 import xflex
 from bench.common import dense_sdpa, time_ms
-from bench.synthetic import llm_like_inputs
+from xflex.benchmark.inputs import llm_like_inputs
 from xflex.attention import call_pattern, run_flex_attention
 from xflex.planning import call_scores, call_selection
 

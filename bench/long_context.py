@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import xflex
 from bench.common import peak_extra_mib, time_ms
-from bench.synthetic import llm_like_inputs
+from xflex.benchmark.inputs import llm_like_inputs
 from xflex.attention import call_pattern
 from xflex.planning import call_scores
 

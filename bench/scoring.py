@@ -6,7 +6,7 @@ Run ``python -m bench.scoring`` on a CUDA machine; ``--quick`` for 8K/16K only, 
 save the table as markdown. The Triton scores are checked against the
 plain-torch reference at 8K before anything is timed.
 
-Inputs (B=1, H=32, D=128, bf16, causal): see bench/synthetic.py.
+Inputs (B=1, H=32, D=128, bf16, causal): the families of xflex/benchmark/inputs.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 import xflex
 from bench.common import best_dense_sdpa, peak_extra_mib, time_ms
-from bench.synthetic import INPUTS
+from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex.attention import call_pattern, score_blocks, scoring_backend
 from xflex.planning import call_selection
 
@@ -57,7 +57,7 @@ def check_against_reference(kinds, heads, kv_heads, backend="auto") -> None:
     """Triton scores equal the reference on the same bf16 inputs (only
     summation order differs); raises before any timing otherwise."""
     for kind in kinds:
-        q, k, _ = INPUTS[kind](_CHECK_LEN, heads=heads, kv_heads=kv_heads)
+        q, k, _ = make_inputs(kind, _CHECK_LEN, heads=heads, kv_heads=kv_heads)
         for stride in _STRIDES:
             got, want = score(q, k, stride, backend), reference_score(q, k, stride)
             diff = (got - want).abs()
@@ -97,7 +97,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto"):
     rows, dense_ms = [], None
     causal_pairs = length * (length + 1) / 2
     for kind in kinds:
-        q, k, v = INPUTS[kind](length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+        q, k, v = make_inputs(kind, length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
         if dense_ms is None:  # the dense time does not depend on the values
             dense_name, dense = best_dense_sdpa(q, k, v)
             dense_ms = time_ms(dense)
@@ -170,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="8K and 16K only")
     parser.add_argument("--long", action="store_true", help="add 256K")
     parser.add_argument("--out", metavar="FILE", help="also write the table as markdown to FILE")
-    parser.add_argument("--inputs", choices=[*INPUTS, "all"], default="all", help="input kind (default: all)")
+    parser.add_argument("--inputs", choices=[*FAMILIES, "all"], default="llm", help="input family (default: llm)")
     parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     parser.add_argument(
@@ -181,7 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.heads % args.kv_heads:
         parser.error(f"--heads must be a multiple of --kv-heads, but got {args.heads} and {args.kv_heads}")
     args.lengths = (_QUICK_LENGTHS if args.quick else _LENGTHS) + (_LONG_LENGTHS if args.long else ())
-    args.kinds = list(INPUTS) if args.inputs == "all" else [args.inputs]
+    args.kinds = list(FAMILIES) if args.inputs == "all" else [args.inputs]
     return args
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import xflex
 from bench import texts
-from bench.inputs import FAMILIES, make_inputs
+from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
 

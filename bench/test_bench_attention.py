@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import xflex
-from bench.synthetic import llm_like_inputs
+from xflex.benchmark.inputs import llm_like_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU")
 LENGTHS = [8192, 32768]

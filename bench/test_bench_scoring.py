@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 from bench import scoring  # noqa: E402
 from bench.common import best_dense_sdpa, time_ms  # noqa: E402
-from bench.synthetic import llm_like_inputs  # noqa: E402
+from xflex.benchmark.inputs import llm_like_inputs  # noqa: E402
 
 _K = 1024
 _LENGTHS = [8 * _K, 16 * _K, 32 * _K, 64 * _K, 128 * _K]

@@ -13,7 +13,7 @@ from models import TinyTransformer, count_xattn_compiles
 
 import xflex
 
-OPTIONS = {"block_size": 64, "min_seq_len": 64}
+OPTIONS = {"block_size": 64, "min_seq_len": 64, "dense_row_blocks": 0}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_backend_works_in_a_process_that_never_imports_xflex(tmp_path):
         model, x = Model().eval(), torch.randn(1, 256, 32)
         with torch.no_grad():
             expected = model(x)
-            dense = torch.compile(model, backend="xattn", options={"threshold": 1.0, "block_size": 32, "min_seq_len": 32})
+            dense = torch.compile(model, backend="xattn", options={"threshold": 1.0, "block_size": 32, "min_seq_len": 32, "dense_row_blocks": 0})
             out = dense(x)
             assert "xflex" in sys.modules  # loaded by torch through the entry point
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

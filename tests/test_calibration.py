@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import xflex
 from xflex.attention import sample_query_blocks, sampled_block_mass
 
-CONFIG = xflex.Config(block_size=64, min_seq_len=0)
+CONFIG = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0)
 
 
 def _reference_block_mass(q, k, mask, scale, block_size, q_blocks):
@@ -84,14 +84,17 @@ def test_calibration_picks_per_call_the_smallest_threshold_reaching_the_target()
     with xflex.calibration(target_recall=0.85, thresholds=taus, samples=4) as cal:
         for name, x in zip(("flat", "peaky"), _peaky_and_flat_inputs()):
             xflex.sparse_sdpa(x, x, x, is_causal=True, config=CONFIG, name=name)
-    recalls = cal.recall_by_call()
-    assert set(recalls) == {"flat", "peaky"}
-    for name, by_tau in recalls.items():
-        values = [by_tau[t] for t in taus]
-        assert values == sorted(values), f"{name}: recall fell as tau rose: {values}"
-        assert values[-1] == pytest.approx(1.0, abs=1e-5), "tau 1.0 keeps every visible block"
+    recalls = cal.recall_by_call_and_head()
+    assert set(recalls) == {"flat", "peaky"} and set(cal.recall_by_call()) == {"flat", "peaky"}
+    assert cal.seconds > 0 and cal.options["method"] == "antidiagonal"
+    for name, heads in recalls.items():
         chosen = cal.threshold_by_call[name]
-        assert by_tau[chosen] >= 0.85 and all(by_tau[t] < 0.85 for t in taus if t < chosen)
+        chosen = chosen if isinstance(chosen, tuple) else (chosen,) * len(heads)
+        for by_tau, tau in zip(heads, chosen):
+            values = [by_tau[t] for t in taus]
+            assert values == sorted(values), f"{name}: recall fell as tau rose: {values}"
+            assert values[-1] == pytest.approx(1.0, abs=1e-5), "tau 1.0 keeps every visible block"
+            assert by_tau[tau] >= 0.85 and all(by_tau[t] < 0.85 for t in taus if t < tau)
 
 
 @torch.no_grad()
@@ -100,7 +103,8 @@ def test_recall_agrees_with_an_independent_count():
     _, x = _peaky_and_flat_inputs()
     with xflex.calibration(thresholds=(0.6,), samples=4) as cal:
         xflex.sparse_sdpa(x, x, x, is_causal=True, config=CONFIG, name="call")
-    selected = xflex.plan(x, x, is_causal=True, config=xflex.Config(block_size=64, min_seq_len=0, threshold=0.6)).selected
+    reference_config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.6, method="antidiagonal")
+    selected = xflex.plan(x, x, is_causal=True, config=reference_config).selected
     q_blocks = sample_query_blocks(selected.shape[2], 4)
     mass = _reference_block_mass(x, x, torch.ones(512, 512, dtype=torch.bool).tril(), 0.25, 64, q_blocks)
     expected = (mass * selected[:, :, q_blocks]).sum(-1).mean().item()

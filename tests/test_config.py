@@ -26,6 +26,11 @@ import xflex
         ({"keep_recent": -64}, "keep_recent"),
         ({"enabled": "yes"}, "enabled"),
         ({"backend": "cuda"}, "backend"),
+        ({"method": "xattention"}, "method"),
+        ({"probe_blocks": 0}, "probe_blocks"),
+        ({"dense_row_blocks": -1}, "dense_row_blocks"),
+        ({"attention_kernel": "cudnn"}, "attention_kernel"),
+        ({"break_even": "yes"}, "break_even"),
         ({"unknown": 1}, "unknown"),
     ],
 )
@@ -80,7 +85,7 @@ def test_threshold_by_call_first_matching_pattern_wins_and_survives_the_graph_ke
 
 def test_stride_must_divide_the_compiled_block_size_at_run_time():
     q = torch.randn(1, 2, 256, 16)
-    config = xflex.Config(block_size=32, min_seq_len=0)
+    config = xflex.Config(block_size=32, min_seq_len=0, dense_row_blocks=0)
     with xflex.sparsity(stride=64), pytest.raises(ValueError, match="stride"):
         xflex.sparse_sdpa(q, q, q, config=config)
 
@@ -88,7 +93,7 @@ def test_stride_must_divide_the_compiled_block_size_at_run_time():
 def test_per_head_threshold_needs_one_value_per_head():
     q = torch.randn(1, 2, 256, 16)
     with xflex.sparsity(threshold=[0.9, 0.9, 0.9]), pytest.raises(ValueError, match="one value per query head"):
-        xflex.sparse_sdpa(q, q, q, config=xflex.Config(block_size=64, min_seq_len=0))
+        xflex.sparse_sdpa(q, q, q, config=xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0))
 
 
 @pytest.mark.parametrize(
@@ -104,12 +109,12 @@ def test_per_head_threshold_needs_one_value_per_head():
 def test_bad_inputs_raise_naming_the_argument(shapes, kwargs, needle):
     q, k, v = (torch.randn(s) for s in shapes)
     with pytest.raises(ValueError, match=needle):
-        xflex.sparse_sdpa(q, k, v, config=xflex.Config(block_size=64, min_seq_len=0), **kwargs)
+        xflex.sparse_sdpa(q, k, v, config=xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0), **kwargs)
 
 
 def test_bad_mask_and_arguments():
     q = torch.randn(1, 2, 256, 16)
-    config = xflex.Config(block_size=64, min_seq_len=0)
+    config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0)
     with pytest.raises(ValueError, match="attn_mask"):
         xflex.sparse_sdpa(q, q, q, attn_mask=torch.ones(3, 256, 256, dtype=torch.bool), config=config)
     with pytest.raises(ValueError, match="attn_mask must be None when is_causal"):
@@ -120,3 +125,34 @@ def test_bad_mask_and_arguments():
         xflex.sparse_sdpa(q, q, q, dropout_p=1.5)
     with pytest.raises(TypeError, match="is_causal"):
         xflex.sparse_sdpa(q, q, q, is_causal=1)
+
+
+def test_break_even_runs_a_call_dense_with_its_reason(monkeypatch):
+    """Where a device's break-even is known, a short call or a dense selection
+    runs SDPA itself (exact), and the stats say why."""
+    from xflex import policy
+
+    q = torch.randn(1, 2, 512, 16)
+    config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=1.0)
+    monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, ("cpu", "triton"), policy.BreakEven(min_keys=1024, max_density=0.5))
+    with xflex.sparsity() as stats:
+        short = xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)
+    (record,) = stats.dense_calls
+    assert "break-even length 1024" in record.dense_reason
+    torch.testing.assert_close(short, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, ("cpu", "triton"), policy.BreakEven(min_keys=0, max_density=0.5))
+    with xflex.sparsity() as stats:
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)  # threshold 1.0: density 1.0
+    assert "selection density 1.00 above" in stats.dense_calls[0].dense_reason
+    with xflex.sparsity(break_even=False) as stats:
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)
+    assert stats.dense_calls == [] and stats.density == 1.0
+
+
+def test_bench_command_needs_cuda(capsys):
+    from xflex.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message a CPU-only machine prints")
+    assert main(["bench", "--lengths", "8K"]) == 1
+    assert "needs CUDA" in capsys.readouterr().err

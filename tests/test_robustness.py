@@ -53,7 +53,7 @@ def test_corner_cases_match_the_reference(call, seed):
     q = _layout(torch.randn(2, hq, q_len, head_dim, generator=gen).to(dtype), layout)
     k = _layout(torch.randn(2, hkv, kv_len, head_dim, generator=gen).to(dtype), layout)
     v = _layout(torch.randn(2, hkv, kv_len, value_dim, generator=gen).to(dtype), layout)
-    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, stride=stride, threshold=threshold)
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0, stride=stride, threshold=threshold)
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=groups > 1, config=config)
     assert out.shape == (2, hq, q_len, value_dim) and out.dtype == dtype
@@ -80,7 +80,7 @@ def test_dynamic_shapes_recompile_no_more_than_dense_compile():
     counter = torch._dynamo.testing.CompileCounter()
     lengths = [300, 356, 513, 200]
     dense = torch.compile(model, backend=counter)
-    sparse = torch.compile(TinyTransformer().eval(), backend="xattn", options={"block_size": BLOCK, "min_seq_len": BLOCK})
+    sparse = torch.compile(TinyTransformer().eval(), backend="xattn", options={"block_size": BLOCK, "min_seq_len": BLOCK, "dense_row_blocks": 0})
     with count_xattn_compiles() as xattn_compiles, torch.no_grad():
         for L in lengths:
             x, padding = torch.randn(1, L, 64), torch.ones(1, L, dtype=torch.bool)
@@ -98,7 +98,7 @@ def test_cpu_compiles_one_flex_kernel_per_length_bucket():
     calls run padded to a power-of-two number of blocks (each length used to
     compile its own kernel)."""
     torch._dynamo.reset()
-    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, threshold=0.8)
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0, threshold=0.8)
     graphs = torch._dynamo.utils.counters["stats"]
     before = graphs["unique_graphs"]
     with xflex.sparsity() as stats:
@@ -118,7 +118,7 @@ def compiled_causal_attention():
     def attend(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    yield torch.compile(attend, backend="xattn", dynamic=True, options={"block_size": BLOCK, "min_seq_len": BLOCK})
+    yield torch.compile(attend, backend="xattn", dynamic=True, options={"block_size": BLOCK, "min_seq_len": BLOCK, "dense_row_blocks": 0})
     torch._dynamo.reset()
 
 
@@ -147,7 +147,7 @@ def test_random_settings_give_the_right_answer_or_a_clear_error(
         message = str(error)
         assert any(name in message for name in ("threshold", "stride", "keep_recent")), message
         return
-    config = xflex.context.effective_config(xflex.Config(block_size=BLOCK, min_seq_len=BLOCK))
+    config = xflex.context.effective_config(xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0))
     config = config.override(settings_)
     if stats.dense_calls:
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
@@ -163,7 +163,7 @@ def test_training_on_cpu_falls_back_to_dense_with_exact_gradients():
     model = TinyTransformer()
     twin = TinyTransformer()
     twin.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, backend="xattn", options={"block_size": BLOCK, "min_seq_len": BLOCK})
+    compiled = torch.compile(model, backend="xattn", options={"block_size": BLOCK, "min_seq_len": BLOCK, "dense_row_blocks": 0})
     x, padding = torch.randn(1, 200, 64), torch.ones(1, 200, dtype=torch.bool)
     with xflex.sparsity(threshold=0.5) as stats:
         compiled(x, padding).square().mean().backward()
@@ -191,7 +191,7 @@ def test_attention_dropout_in_training_stays_dense():
 def test_gpu_gradients_through_the_sparse_path(threshold):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 700, 64, device="cuda", requires_grad=True) for _ in range(3))
-    config = xflex.Config(block_size=128, min_seq_len=128, threshold=threshold)
+    config = xflex.Config(block_size=128, min_seq_len=128, dense_row_blocks=0, threshold=threshold)
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, is_causal=True, config=config)
     assert stats.dense_calls == []

@@ -64,7 +64,7 @@ CASES = [
 @pytest.mark.parametrize("threshold", [1.0, 0.6])
 def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len, kv_len, threshold, device):
     q, k, v, mask, is_causal, visible, bias = make_case(kind, batch, hq, hkv, q_len, kv_len, device=device)
-    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, stride=8, threshold=threshold)
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0, stride=8, threshold=threshold)
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv, config=config)
     assert stats.dense_calls == [], stats.dense_calls[0].dense_reason
@@ -90,7 +90,7 @@ def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len
 def test_low_precision_error_stays_within_torchs_own(dtype):
     """Tolerance from PyTorch's own low-precision error (FlashAttention's rule)."""
     q, k, v, mask, is_causal, visible, _ = make_case("causal", 1, 4, 2, 300, 300, dtype=dtype)
-    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, threshold=1.0)
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0, threshold=1.0)
     out = xflex.sparse_sdpa(q, k, v, is_causal=True, enable_gqa=True, config=config)
     ref = attention_ref(q, k, v, visible=visible)
     sdpa_err = (F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).double() - ref).abs().max()
@@ -104,7 +104,7 @@ def test_rows_that_see_nothing_give_zeros_on_cpu():
     q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
     mask = torch.ones(1, 1, 256, 256, dtype=torch.bool)
     mask[..., :100, :] = False
-    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, threshold=0.5)
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0, threshold=0.5)
     out = xflex.sparse_sdpa(q, k, v, attn_mask=mask, config=config)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(out[..., :100, :], torch.zeros_like(out[..., :100, :]))
@@ -118,7 +118,7 @@ def test_fully_masked_blocks_are_never_computed_nor_visible():
     q, k, v = (torch.randn(1, 2, L, 32) for _ in range(3))
     pos = torch.arange(L)
     mask = ((pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window))[None, None]
-    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, threshold=1.0)
+    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0, threshold=1.0)
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, attn_mask=mask, config=config)
     record = stats.records[0]
@@ -132,10 +132,10 @@ def test_fully_masked_blocks_are_never_computed_nor_visible():
 def test_dense_fallbacks_are_recorded_with_reasons():
     q, k, v = (torch.randn(1, 2, 100, 32) for _ in range(3))
     with xflex.sparsity() as stats:
-        out = xflex.sparse_sdpa(q, k, v, is_causal=True, config=xflex.Config(block_size=BLOCK, min_seq_len=1024))
-        xflex.sparse_sdpa(q[:, :, :1], k, v, config=xflex.Config(block_size=BLOCK, min_seq_len=0))
+        out = xflex.sparse_sdpa(q, k, v, is_causal=True, config=xflex.Config(block_size=BLOCK, min_seq_len=1024, dense_row_blocks=0))
+        xflex.sparse_sdpa(q[:, :, :1], k, v, config=xflex.Config(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0))
         with xflex.sparsity(enabled=False):
-            xflex.sparse_sdpa(q, k, v, config=xflex.Config(block_size=BLOCK, min_seq_len=0))
+            xflex.sparse_sdpa(q, k, v, config=xflex.Config(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0))
     reasons = [r.dense_reason for r in stats.records]
     assert "min_seq_len" in reasons[0] and "below one block" in reasons[1] and reasons[2] == "sparsity disabled"
     assert stats.density is None

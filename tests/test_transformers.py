@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-OPTIONS = {"block_size": 64, "min_seq_len": 64}
+OPTIONS = {"block_size": 64, "min_seq_len": 64, "dense_row_blocks": 0}
 LENGTH = 300  # 5 blocks of 64, the last one ragged
 PAD = 40  # left padding of the second sequence in the batch
 LAYERS = 2
@@ -198,7 +198,7 @@ def test_generate_matches_eager_and_recompiles_no_more_than_dense(tiny):
 
 # ----------------------------------------------------- SmolLM2-135M (real) ---
 
-SMOLLM2_OPTIONS = {"block_size": 64, "min_seq_len": 128}
+SMOLLM2_OPTIONS = {"block_size": 64, "min_seq_len": 128, "dense_row_blocks": 0}
 SMOLLM2_TOKENS = 300
 
 

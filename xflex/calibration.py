@@ -1,11 +1,14 @@
-"""Per-call threshold calibration: measure, on real inputs, how much of the
-true attention mass each call's selection keeps at several thresholds, and
-pick per call the smallest threshold that keeps enough (``threshold_by_call``).
+"""Offline calibration for the ``"antidiagonal"`` method: measure, on a few
+of the user's own inputs, how much of the true attention mass each call's
+selection keeps at several thresholds, per query head, and pick per call and
+head the smallest threshold that keeps enough (``threshold_by_call``).
 
-The antidiagonal estimate is weaker in some layers than in others (SmolLM2's
-layers 3-10 keep 0.68-0.77 of the mass at tau 0.9 where others keep 0.9+, see
-bench/RESULTS.md); one global tau either starves those layers or wastes blocks
-everywhere else.
+The estimate is weaker in some layers and heads than in others (SmolLM2's
+layers 3-10 keep 0.68-0.77 of the mass at tau 0.9 where others keep 0.9+,
+bench/RESULTS.md, "Selection quality"); one global tau either starves them
+or wastes blocks everywhere else. The ``"adaptive"`` method makes this choice
+per call at run time instead; calibration makes it once, so that the cheaper
+``"antidiagonal"`` method runs with it.
 """
 
 from __future__ import annotations
@@ -14,69 +17,92 @@ import contextlib
 import contextvars
 import dataclasses
 import glob
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from .attention import SdpaArgs, sample_query_blocks, sampled_block_mass, select_blocks
 from .config import Config
-from .planning import Plan, call_forced_blocks
+from .planning import Plan, call_forced_blocks, call_scores
 
 __all__ = ["Calibration", "active_calibrations", "calibration"]
 
-DEFAULT_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+DEFAULT_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0)
 
 _ACTIVE: contextvars.ContextVar[tuple[Calibration, ...]] = contextvars.ContextVar("xflex_calibrations", default=())
 
 
 @dataclasses.dataclass
 class Calibration:
-    """Recall of each sparse call's selection at each candidate threshold.
+    """Recall of each sparse call's antidiagonal selection at each candidate
+    threshold, per query head.
 
     Attributes:
         target_recall: the share of the true attention mass a call must keep.
         thresholds: candidate taus, ascending.
         samples: query blocks per call whose exact attention is computed.
-        recalls: per call name, one ``(len(thresholds),)`` device tensor per
-            call made (mean over batch, heads and sampled query blocks).
+        recalls: per call name, one ``(len(thresholds), Hq)`` device tensor per
+            call made (mean over batch and sampled query blocks).
+        seconds: wall time spent inside the ``calibration()`` block.
     """
 
     target_recall: float
     thresholds: tuple[float, ...]
     samples: int
     recalls: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
 
     def recall_by_call(self) -> dict[str, dict[float, float]]:
-        """``{call name: {tau: mean recall over its calls}}`` (one host sync)."""
+        """``{call name: {tau: mean recall over its calls and heads}}`` (one host sync)."""
+        return {name: dict(zip(self.thresholds, torch.stack(values).mean((0, 2)).tolist())) for name, values in self.recalls.items()}
+
+    def recall_by_call_and_head(self) -> dict[str, list[dict[float, float]]]:
+        """``{call name: [{tau: mean recall over its calls}, one per query head]}``."""
         return {
-            name: dict(zip(self.thresholds, torch.stack(values).mean(0).tolist())) for name, values in self.recalls.items()
+            name: [dict(zip(self.thresholds, head)) for head in torch.stack(values).mean(0).T.tolist()]
+            for name, values in self.recalls.items()
         }
 
     @property
-    def threshold_by_call(self) -> dict[str, float]:
-        """Per call, the smallest threshold whose recall reaches the target (the
-        largest candidate where none does), ready for the ``threshold_by_call``
-        option: names are escaped so that each matches only itself."""
+    def threshold_by_call(self) -> dict[str, float | tuple[float, ...]]:
+        """Per call, per query head the smallest threshold whose recall reaches
+        the target (the largest candidate where none does), ready for the
+        ``threshold_by_call`` option: one float where every head agrees, else
+        one per head; names are escaped so that each matches only itself."""
         chosen = {}
-        for name, by_tau in self.recall_by_call().items():
-            reaching = [tau for tau, recall in by_tau.items() if recall >= self.target_recall]
-            chosen[glob.escape(name)] = reaching[0] if reaching else self.thresholds[-1]
+        for name, heads in self.recall_by_call_and_head().items():
+            taus = tuple(
+                next((tau for tau, recall in by_tau.items() if recall >= self.target_recall), self.thresholds[-1])
+                for by_tau in heads
+            )
+            chosen[glob.escape(name)] = taus[0] if len(set(taus)) == 1 else taus
         return chosen
 
+    @property
+    def options(self) -> dict[str, object]:
+        """Settings for ``xflex.sparsity(**cal.options)`` or ``torch.compile(...,
+        options=cal.options)``: the antidiagonal method with the calibrated thresholds."""
+        return {"method": "antidiagonal", "threshold_by_call": self.threshold_by_call}
+
     def measure(self, call_name: str, args: SdpaArgs, plan: Plan, config: Config) -> None:
-        """Record one sparse call: the true attention mass inside the blocks its
-        selection keeps at each candidate threshold, on sampled query blocks."""
-        scores, pattern = plan.scores, plan.pattern
+        """Record one sparse call: the true attention mass inside the blocks the
+        antidiagonal selection keeps at each candidate threshold, per head, on
+        sampled query blocks."""
+        pattern = plan.pattern
+        # The adaptive method scores at its own temperatures: measure the plain estimate.
+        scores = plan.scores if config.method == "antidiagonal" else call_scores(args.query, args.key, pattern, config, args.scale)
         q_blocks = sample_query_blocks(scores.shape[2], self.samples)
         mass = sampled_block_mass(
             args.query, args.key, args.attn_mask, args.is_causal, args.scale, config.block_size, q_blocks
         )
-        rows_that_see = mass.sum(-1) > 0
+        sees = (mass.sum(-1) > 0).float()  # (B, H, P): rows that see no key do not count
         forced = call_forced_blocks(pattern, args.q_len, args.kv_len, config, scores.device)
         sampled = dict(visible=pattern.visibility.any[:, :, q_blocks], forced=forced[:, :, q_blocks])
         recalls = torch.stack(
             [
-                (mass * select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled)).sum(-1)[rows_that_see].mean()
+                ((mass * select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled)).sum(-1) * sees).sum((0, 2))
+                / sees.sum((0, 2)).clamp_min(1)
                 for tau in self.thresholds
             ]
         )
@@ -85,21 +111,26 @@ class Calibration:
 
 @contextlib.contextmanager
 def calibration(
-    target_recall: float = 0.9, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, samples: int = 8
+    target_recall: float = 0.95, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, samples: int = 8
 ) -> Iterator[Calibration]:
     """Measure every sparse xflex call made inside the block (it still runs as
     usual; dense fallbacks are not measured). Each call also computes exact
     attention for ``samples`` query blocks, so calibrate on a few inputs, not
-    in production.
+    in production; ``cal.seconds`` says how long it took.
+
+    Args:
+        target_recall: the share of true attention mass each call and head must keep.
+        thresholds: candidate taus, ascending (1.0 keeps every visible block).
+        samples: query blocks per call whose exact attention is computed.
 
     Yields:
-        :class:`Calibration`; its ``threshold_by_call`` goes to
-        ``xflex.sparsity(threshold_by_call=...)`` or the compile options.
+        :class:`Calibration`; ``cal.options`` goes to ``xflex.sparsity(**cal.options)``
+        or ``torch.compile(..., options=cal.options)``.
 
     Example:
-        >>> with xflex.calibration(target_recall=0.9) as cal:     # doctest: +SKIP
+        >>> with xflex.calibration(target_recall=0.95) as cal:     # doctest: +SKIP
         ...     model(calibration_batch)
-        >>> with xflex.sparsity(threshold_by_call=cal.threshold_by_call):  # doctest: +SKIP
+        >>> with xflex.sparsity(**cal.options):                    # doctest: +SKIP
         ...     out = model(x)
     """
     if not (isinstance(target_recall, (int, float)) and 0.0 < target_recall <= 1.0):
@@ -111,9 +142,11 @@ def calibration(
         raise ValueError(f"samples must be an int >= 1, but got {samples!r}")
     cal = Calibration(float(target_recall), tuple(float(t) for t in taus), samples)
     token = _ACTIVE.set(_ACTIVE.get() + (cal,))
+    start = time.perf_counter()
     try:
         yield cal
     finally:
+        cal.seconds = time.perf_counter() - start
         _ACTIVE.reset(token)
 
 

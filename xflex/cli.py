@@ -54,6 +54,31 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="picks the passphrase (default 0)")
     demo.add_argument("--text", type=Path, default=None, help="long plain-text file (default: /usr/share/common-licenses/GPL-3)")
     demo.set_defaults(run=_run_demo)
+
+    from .benchmark.inputs import FAMILIES
+    from .benchmark.speed import LENGTHS, parse_length
+
+    bench = commands.add_parser(
+        "bench",
+        help="GPU: the xflex op against cuDNN and flash SDPA, by input family and length",
+        description=(
+            "Time the whole xflex op (scoring, selection, FlexAttention) against dense SDPA on cuDNN and "
+            "FlashAttention in the same run, per input family and length; print a markdown table (density, "
+            "cost of scoring + selection, speed per computed block) and optionally write a plot. Needs CUDA."
+        ),
+    )
+    bench.add_argument("--families", nargs="+", default=["llm", "spiky", "video", "diffuse"], choices=list(FAMILIES))
+    bench.add_argument("--lengths", nargs="+", type=parse_length, default=[parse_length(x) for x in LENGTHS], help="e.g. 8K 32K 76.8K 128K")
+    bench.add_argument("--methods", nargs="+", default=["adaptive"], choices=["adaptive", "antidiagonal"])
+    bench.add_argument("--kernels", nargs="+", default=["triton"], choices=["triton", "flash"], help="FlexAttention kernel")
+    bench.add_argument("--heads", type=int, default=32)
+    bench.add_argument("--kv-heads", type=int, default=8)
+    bench.add_argument("--threshold", type=float, default=0.95)
+    bench.add_argument("--stride", type=int, default=8)
+    bench.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    bench.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    bench.add_argument("--plot", type=Path, help="write a PNG of speed-up against length (needs matplotlib)")
+    bench.set_defaults(run=_run_bench)
     return parser
 
 
@@ -175,6 +200,29 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     _print_report(args, prompt, dense, sparse, f"{device}, {str(dtype).removeprefix('torch.')}")
     demo.log(f"total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmark import speed
+
+    if not torch.cuda.is_available():
+        print("xflex: error: xflex bench times GPU kernels: it needs CUDA", file=sys.stderr)
+        return 1
+    direction = ", forward + backward" if args.backward else ""
+    print(f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, S={args.stride}{direction}", flush=True)
+    print(speed.HEADER, flush=True)
+    rows = speed.run(
+        args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
+        threshold=args.threshold, stride=args.stride, backward=args.backward,
+        report=lambda row: print(speed.markdown_row(row), flush=True),
+    )  # fmt: skip
+    if args.out:
+        args.out.write_text(speed.markdown_table(rows) + "\n")
+    if args.plot:
+        speed.plot(rows, args.plot)
     return 0
 
 

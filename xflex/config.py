@@ -15,6 +15,7 @@ import torch
 from typing import Literal, get_args
 
 from .attention.backends import BACKENDS, Backend
+from .attention.flex import ATTENTION_KERNELS, AttentionKernel
 
 __all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "Threshold"]
 
@@ -67,6 +68,15 @@ class Config:
             "auto" (Triton kernels on CUDA when Triton is installed, the Gluon
             scorer for large Hopper calls, plain torch on the CPU), "torch",
             "triton" or "gluon" (see ``xflex.attention.backends.Backend``).
+        attention_kernel: the FlexAttention kernel over the selected blocks:
+            "triton" (the default) or "flash" (its FlashAttention-4 backend;
+            experimental, see ``xflex.attention.flex``).
+        break_even: on devices whose costs ``xflex.policy.MEASURED_BREAK_EVEN``
+            lists, a call runs dense SDPA where sparse attention would not pay:
+            keys fewer than the device's break-even length, or a selection
+            denser than its break-even density (each such call is a dense
+            fallback with its reason in the stats). False: always sparse when
+            eligible.
     """
 
     enabled: bool = True
@@ -81,6 +91,8 @@ class Config:
     keep_recent: int = 0
     dense_row_blocks: int = 16
     backend: Backend = "auto"
+    attention_kernel: AttentionKernel = "triton"
+    break_even: bool = True
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -222,4 +234,6 @@ def _validate_config(c: Config) -> None:
     _check(_is_int(c.dense_row_blocks) and c.dense_row_blocks >= 0, "dense_row_blocks", "an int >= 0 (blocks)", c.dense_row_blocks)
     _check(c.backend in BACKENDS, "backend", f"one of {BACKENDS}", c.backend)
     _check(c.method in METHODS, "method", f"one of {METHODS}", c.method)
+    _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
+    _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)

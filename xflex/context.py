@@ -10,6 +10,7 @@ import enum
 from collections.abc import Iterator, Mapping, Sequence
 
 from .attention.backends import Backend
+from .attention.flex import AttentionKernel
 from .config import Config, Method
 from .stats import CallRecord, SparsityStats
 
@@ -52,6 +53,8 @@ def sparsity(
     keep_recent: int | _Unset = UNSET,
     dense_row_blocks: int | _Unset = UNSET,
     backend: Backend | _Unset = UNSET,
+    attention_kernel: AttentionKernel | _Unset = UNSET,
+    break_even: bool | _Unset = UNSET,
 ) -> Iterator[SparsityStats]:
     """Change xflex settings for the attention calls inside the block.
 
@@ -72,6 +75,8 @@ def sparsity(
         keep_recent: tokens before each query whose blocks are always kept.
         dense_row_blocks: query blocks that see at most this many key blocks keep them all.
         backend: "auto", "torch", "triton" or "gluon".
+        attention_kernel: "triton" or "flash" (FlexAttention's kernel).
+        break_even: run dense where the GPU's measured costs say sparse would not pay.
 
     Yields:
         :class:`SparsityStats` covering the calls made inside the block.
@@ -94,6 +99,8 @@ def sparsity(
         keep_recent=keep_recent,
         dense_row_blocks=dense_row_blocks,
         backend=backend,
+        attention_kernel=attention_kernel,
+        break_even=break_even,
     )
     overrides = {name: value for name, value in given.items() if value is not UNSET}
     validated = Config.from_options(overrides, base=_VALIDATION_BASE)

@@ -17,7 +17,7 @@ from .calibration import active_calibrations
 from .config import Config
 from .context import effective_config, record_call, recording
 from .planning import plan
-from .policy import dense_reason
+from .policy import dense_reason, dense_selection_reason
 from .stats import CallRecord
 
 __all__ = ["sparse_sdpa"]
@@ -57,6 +57,21 @@ def _sparse_sdpa_op(
     args = SdpaArgs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     cfg = effective_config(Config.from_key(config))
     reason = dense_reason(args, cfg, needs_grad)
+    if reason is None:
+        args.validate()
+        with eager_dispatch_state():
+            call_plan = plan(
+                query,
+                key,
+                attn_mask,
+                is_causal,
+                scale,
+                config=cfg,
+                call_name=call_name,
+                for_backward=needs_grad,
+                value_head_dim=value.shape[-1],
+            )
+        reason = dense_selection_reason(call_plan, cfg, query.device)
     if reason is not None:
         out = args.dense()
         if recording():
@@ -64,11 +79,7 @@ def _sparse_sdpa_op(
         shape = _selection_shape(query, key, cfg.block_size, needs_grad)
         return (out.contiguous(), *_dense_marker(shape, query.device))
 
-    args.validate()
     with eager_dispatch_state():
-        call_plan = plan(
-            query, key, attn_mask, is_causal, scale, config=cfg, call_name=call_name, for_backward=needs_grad
-        )
         out = call_plan.attend(query, key, value)
         for cal in active_calibrations():
             cal.measure(call_name, args, call_plan, cfg)

@@ -13,8 +13,10 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .attention import (
+    AttentionKernel,
     CallPattern,
     KVBlocks,
+    attention_kernel,
     build_block_mask,
     bucketed_flex_attention,
     call_pattern,
@@ -24,6 +26,7 @@ from .attention import (
     score_blocks,
     select_kv_blocks,
 )
+from .attention.masks import visible_everywhere
 from .attention.selection.probes import (
     PROBE_TEMPERATURES,
     PROBE_THRESHOLDS,
@@ -47,6 +50,7 @@ class Plan:
         block_size: the BlockMask's block size.
         scale: the call's softmax scale (None: ``1/sqrt(E)``).
         for_backward: the BlockMask also carries the q-major indices gradients need.
+        kernel: the FlexAttention kernel :meth:`attend` runs.
     """
 
     pattern: CallPattern
@@ -55,13 +59,17 @@ class Plan:
     block_size: int
     scale: float | None
     for_backward: bool = False
+    kernel: AttentionKernel = "triton"
 
     @functools.cached_property
     def block_mask(self) -> BlockMask:
         """The BlockMask of the selection at the call's own lengths (built on first use)."""
+        mask_mod = self.pattern.mask_mod
+        if mask_mod is None and self.kernel == "flash":
+            mask_mod = visible_everywhere
         return build_block_mask(
             *self.blocks.kv_layout,
-            mask_mod=self.pattern.mask_mod,
+            mask_mod=mask_mod,
             block_size=self.block_size,
             seq_lengths=self.pattern.shape[2:],
             for_backward=self.for_backward,
@@ -98,7 +106,13 @@ class Plan:
                 scale=self.scale,
             )
         return run_flex_attention(
-            query, key, value, block_mask=self.block_mask, score_mod=self.pattern.score_mod, scale=self.scale
+            query,
+            key,
+            value,
+            block_mask=self.block_mask,
+            score_mod=self.pattern.score_mod,
+            scale=self.scale,
+            kernel=self.kernel,
         )
 
 
@@ -118,8 +132,7 @@ def call_scores(
         pattern: the call's :class:`CallPattern`.
         config: stride, block size and backend.
         scale: the scorer's softmax scale (None: ``1/sqrt(E)``).
-        q_blocks: score only these query blocks (the last ones of a call that
-            is causal by ``is_causal``; any of the others).
+        q_blocks: score only these query blocks.
 
     Example:
         >>> pattern = call_pattern(q, k, None, True, config.block_size)   # doctest: +SKIP
@@ -131,25 +144,23 @@ def call_scores(
     if pattern.causal_offset is None and (pattern.mask_mod is not None or pattern.score_mod is not None):
         block_visible = pattern.visibility.any
     causal_offset = pattern.causal_offset
-    if q_blocks is not None:
-        bs = config.block_size
-        if causal_offset is not None:
-            # One causal alignment for all rows: the blocks are the call's last ones.
-            start = q_blocks[0] * bs
-            query, causal_offset = query[:, :, start:], causal_offset + start
-        else:
-            query = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
-        block_visible = None if block_visible is None else block_visible[:, :, list(q_blocks)]
-    return score_blocks(
-        query,
-        key,
-        stride=config.stride,
-        block_size=config.block_size,
-        scale=scale,
-        causal_offset=causal_offset,
-        block_visible=block_visible,
-        backend=config.backend,
+    score = functools.partial(
+        score_blocks, key=key, stride=config.stride, block_size=config.block_size, scale=scale, backend=config.backend
     )
+    if q_blocks is None:
+        return score(query, causal_offset=causal_offset, block_visible=block_visible)
+    bs = config.block_size
+    if causal_offset is None:
+        rows = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
+        return score(rows, causal_offset=None, block_visible=None if block_visible is None else block_visible[:, :, list(q_blocks)])
+    # Causal rows: one scorer call per run of consecutive blocks, each with its own alignment.
+    runs, start = [], 0
+    for i in range(1, len(q_blocks) + 1):
+        if i == len(q_blocks) or q_blocks[i] != q_blocks[i - 1] + 1:
+            runs.append((q_blocks[start], q_blocks[i - 1] + 1))
+            start = i
+    parts = [score(query[:, :, first * bs : last * bs], causal_offset=causal_offset + first * bs, block_visible=None) for first, last in runs]
+    return torch.cat(parts, 2)
 
 
 def call_forced_blocks(pattern: CallPattern, q_len: int, kv_len: int, config: Config, device: torch.device) -> torch.Tensor:
@@ -237,9 +248,7 @@ def probe_calibration(
         >>> t, tau = probe_calibration(q, k, None, True, None, pattern, config, target)   # doctest: +SKIP
     """
     n_q = math.ceil(query.shape[2] / config.block_size)
-    probes = probe_query_blocks(n_q, config.probe_blocks, causal=pattern.causal_offset is not None or pattern.causal)
-    if pattern.causal_offset is not None:
-        probes = list(range(n_q - len(probes), n_q))
+    probes = probe_query_blocks(n_q, config.probe_blocks, causal=pattern.causal)
     mass = exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     temperatures = [t for t in PROBE_TEMPERATURES if t <= config.stride]
@@ -267,6 +276,7 @@ def plan(
     config: Config | None = None,
     call_name: str = "",
     for_backward: bool = False,
+    value_head_dim: int | None = None,
 ) -> Plan:
     """Score, select and build the BlockMask for one attention call, as the
     xflex op does when the call runs sparse (``config`` as given: active
@@ -278,6 +288,8 @@ def plan(
         config: settings (default ``Config()``).
         call_name: picks the call's threshold from ``config.threshold_by_call``.
         for_backward: also build the BlockMask's q-major indices (for gradients).
+        value_head_dim: the value's head dim when it differs from the query's
+            (the FLASH kernel needs them equal).
 
     Returns:
         :class:`Plan`; ``plan.attend(q, k, v)`` runs the attention.
@@ -298,4 +310,12 @@ def plan(
         scoring_query = query * temperature.to(query.dtype)
     scores = call_scores(scoring_query, key, pattern, config, scale)
     blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, threshold=threshold)
-    return Plan(pattern, scores, blocks, config.block_size, scale, for_backward)
+    kernel = attention_kernel(
+        config.attention_kernel,
+        query,
+        value_head_dim=query.shape[-1] if value_head_dim is None else value_head_dim,
+        block_size=config.block_size,
+        captures_tensors=pattern.captures_tensors,
+        needs_grad=for_backward,
+    )
+    return Plan(pattern, scores, blocks, config.block_size, scale, for_backward, kernel)

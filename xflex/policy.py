@@ -1,20 +1,57 @@
 """Which calls run dense, and why: decided per call when it runs, from the
-actual inputs and the active settings (no graph guards, no recompiles)."""
+actual inputs, the active settings and, on GPUs whose costs were measured,
+whether sparse attention would pay (no graph guards, no recompiles)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .attention import SdpaArgs
+from .attention import SdpaArgs, attention_kernel
 from .config import Config
+from .planning import Plan
 
-__all__ = ["dense_reason"]
+__all__ = ["BreakEven", "MEASURED_BREAK_EVEN", "break_even", "dense_reason", "dense_selection_reason", "device_kind"]
 
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class BreakEven:
+    """Where sparse attention stops paying, on one GPU kind with one attention kernel.
+
+    Attributes:
+        min_keys: calls with fewer keys run dense (their fixed cost of scoring,
+            selection and launches exceeds what sparsity can save).
+        max_density: selections denser than this run dense: the kernel's
+            speed per computed block relative to dense SDPA.
+    """
+
+    min_keys: int
+    max_density: float
+
+
+# (device_kind(), attention kernel) -> BreakEven, to be measured with `xflex
+# bench` and `python -m bench.attention_kernels` on each GPU kind. Empty: no
+# device has been measured with the current op yet (bench/RESULTS.md,
+# "Break-even"), so only min_seq_len decides.
+MEASURED_BREAK_EVEN: dict[tuple[str, str], BreakEven] = {}
+
+
+def device_kind(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` for a GPU, the device type otherwise."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def break_even(device: torch.device, kernel: str) -> BreakEven | None:
+    """The measured break-even of this device kind and kernel, or None."""
+    return MEASURED_BREAK_EVEN.get((device_kind(device), kernel))
+
+
 def dense_reason(args: SdpaArgs, config: Config, needs_grad: bool) -> str | None:
-    """Why this call must run dense SDPA, or None when it can run sparse.
+    """Why this call must run dense SDPA, or None when it can run sparse
+    (decided before anything is scored).
 
     Example:
         >>> q = torch.randn(1, 2, 64, 32)
@@ -38,4 +75,29 @@ def dense_reason(args: SdpaArgs, config: Config, needs_grad: bool) -> str | None
         return f"query length {query.shape[2]} below one block ({config.block_size}), e.g. a decode step"
     if key.shape[2] < config.min_seq_len:
         return f"key length {key.shape[2]} below min_seq_len={config.min_seq_len}"
+    if config.break_even and MEASURED_BREAK_EVEN:
+        kernel = attention_kernel(
+            config.attention_kernel,
+            query,
+            value_head_dim=args.value.shape[-1],
+            block_size=config.block_size,
+            captures_tensors=args.attn_mask is not None,
+            needs_grad=needs_grad,
+        )
+        limits = break_even(query.device, kernel)
+        if limits is not None and key.shape[2] < limits.min_keys:
+            return f"key length {key.shape[2]} below this device's break-even length {limits.min_keys} ({kernel} kernel)"
+    return None
+
+
+def dense_selection_reason(plan: Plan, config: Config, device: torch.device) -> str | None:
+    """Why this call's selection is better run dense (denser than the GPU's
+    break-even density), or None. Reads the density back from the GPU (one
+    synchronisation); skipped while a CUDA graph is being captured."""
+    limits = break_even(device, plan.kernel) if config.break_even else None
+    if limits is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None
+    density = plan.density()
+    if density > limits.max_density:
+        return f"selection density {density:.2f} above this device's break-even {limits.max_density:.2f} ({plan.kernel} kernel)"
     return None

@@ -16,7 +16,7 @@ import torch
 
 from bench.common import best_dense_sdpa, time_ms
 from bench.scoring import describe, score
-from bench.synthetic import llm_like_inputs
+from xflex.benchmark.inputs import llm_like_inputs
 
 
 def _candidates():

@@ -17,7 +17,7 @@ with kernels has a plain-torch ``reference`` beside them, picked by
 from .backends import BACKENDS, Backend
 from .block_mask import build_block_mask
 from .cpu_buckets import bucket_length, bucketed_flex_attention
-from .flex import run_flex_attention
+from .flex import ATTENTION_KERNELS, AttentionKernel, attention_kernel, run_flex_attention
 from .masks import BlockVisibility, MaskMod, ScoreMod
 from .oracle import exact_block_mass, oracle_block_counts, sample_query_blocks, sampled_block_mass
 from .pattern import CallPattern, call_pattern
@@ -26,6 +26,8 @@ from .sdpa_args import SdpaArgs
 from .selection import KVBlocks, forced_blocks, select_blocks, select_kv_blocks
 
 __all__ = [
+    "ATTENTION_KERNELS",
+    "AttentionKernel",
     "BACKENDS",
     "Backend",
     "BlockVisibility",
@@ -36,6 +38,7 @@ __all__ = [
     "SdpaArgs",
     "bucket_length",
     "bucketed_flex_attention",
+    "attention_kernel",
     "build_block_mask",
     "call_pattern",
     "exact_block_mass",

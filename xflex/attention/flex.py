@@ -1,7 +1,18 @@
 """Stage 4, attention: FlexAttention over the selected blocks, compiled once
-per device type and shared by every call."""
+per device type and kernel and shared by every call.
+
+Two kernels: FlexAttention's Triton template (everywhere, the default) and,
+opt-in, its FLASH backend (FlashAttention-4's CuTeDSL kernels, Hopper and
+newer, with the optional ``flash-attn-4`` package), which an earlier
+measurement found faster per selected block (bench/RESULTS.md, "Attention
+kernels"). The FLASH path is experimental: xflex's GPU tests of it
+(tests/test_flash_attention.py) have not run yet."""
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Literal, get_args
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -9,26 +20,95 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..torch_internals import eager_dispatch_state, recompile_limits
 from .masks import ScoreMod
 
-__all__ = ["run_flex_attention"]
+__all__ = ["ATTENTION_KERNELS", "AttentionKernel", "attention_kernel", "flash_unsupported_reason", "run_flex_attention"]
+
+AttentionKernel = Literal["triton", "flash"]
+"""``"triton"``: FlexAttention's Triton kernel. ``"flash"``: its FLASH
+backend (an error where it cannot run)."""
+ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
+# What the FLASH path was tested with (tests/test_flash_attention.py on an H200).
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_FLASH_HEAD_DIMS = (64, 128)
+_FLASH_BLOCK_SIZE = 128  # FlashAttention-4's tile: a BlockMask's blocks must match it
 
 
-def _flex_attention_static(*args, **kwargs):
+def _flex_cpu(*args, **kwargs):
     return flex_attention(*args, **kwargs)
 
 
-def _flex_attention_dynamic(*args, **kwargs):
+def _flex_cuda(*args, **kwargs):
     return flex_attention(*args, **kwargs)
+
+
+def _flex_cuda_flash(*args, **kwargs):
+    return flex_attention(*args, kernel_options={"BACKEND": "FLASH"}, **kwargs)
 
 
 # FlexAttention only runs its block-sparse kernel when compiled (eager
 # flex_attention ignores the block structure). CPU Inductor (2.13) emits C++
 # that does not build for flex with dynamic shapes and a captured mask tensor,
-# so CPU compiles one kernel per shape. Two wrapper functions keep the two
-# compile caches apart.
+# so the CPU compiles one kernel per shape (attention/cpu_buckets.py bounds
+# them); the FLASH template takes static shapes only. One wrapper function per
+# entry keeps the compile caches apart.
 _COMPILED_FLEX = {
-    "cpu": torch.compile(_flex_attention_static, fullgraph=True, dynamic=False),
-    "cuda": torch.compile(_flex_attention_dynamic, fullgraph=True),
+    ("cpu", "triton"): torch.compile(_flex_cpu, fullgraph=True, dynamic=False),
+    ("cuda", "triton"): torch.compile(_flex_cuda, fullgraph=True),
+    ("cuda", "flash"): torch.compile(_flex_cuda_flash, fullgraph=True, dynamic=False),
 }
+
+
+@functools.cache
+def _flash_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
+
+
+def flash_unsupported_reason(
+    query: torch.Tensor, *, value_head_dim: int, block_size: int, captures_tensors: bool, needs_grad: bool
+) -> str | None:
+    """Why the FLASH kernel cannot run this call (None: it can)."""
+    if not query.is_cuda or torch.cuda.get_device_capability(query.device)[0] < 9:
+        return "it needs a Hopper or newer GPU"
+    if not _flash_installed():
+        return "flash-attn-4 is not installed (pip install 'xflex[flash]')"
+    if query.dtype not in _FLASH_DTYPES:
+        return f"it takes fp16/bf16, not {query.dtype}"
+    if query.shape[-1] not in _FLASH_HEAD_DIMS or value_head_dim != query.shape[-1]:
+        return f"it was tested with head dims {_FLASH_HEAD_DIMS} (q and v alike), not {query.shape[-1]} / {value_head_dim}"
+    if block_size != _FLASH_BLOCK_SIZE:
+        return f"its tile needs block_size={_FLASH_BLOCK_SIZE}, not {block_size}"
+    if captures_tensors:
+        return "masks that read tensors (attn_mask lookups, biases) are not supported"
+    if needs_grad:
+        return "its backward is not supported by xflex yet"
+    return None
+
+
+def attention_kernel(
+    kernel: AttentionKernel,
+    query: torch.Tensor,
+    *,
+    value_head_dim: int,
+    block_size: int,
+    captures_tensors: bool,
+    needs_grad: bool,
+) -> AttentionKernel:
+    """``kernel``, checked against the call: ``"flash"`` raises a ValueError
+    saying why where it cannot run.
+
+    Example:
+        >>> q = torch.randn(1, 2, 256, 64)
+        >>> attention_kernel("triton", q, value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
+        'triton'
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, but got {kernel!r}")
+    if kernel == "flash":
+        reason = flash_unsupported_reason(
+            query, value_head_dim=value_head_dim, block_size=block_size, captures_tensors=captures_tensors, needs_grad=needs_grad
+        )
+        if reason is not None:
+            raise ValueError(f"attention_kernel='flash' cannot run this call: {reason}")
+    return kernel
 
 
 def run_flex_attention(
@@ -39,6 +119,7 @@ def run_flex_attention(
     block_mask: BlockMask,
     score_mod: ScoreMod | None = None,
     scale: float | None = None,
+    kernel: AttentionKernel = "triton",
 ) -> torch.Tensor:
     """Compiled FlexAttention of ``query`` ``(B, Hq, Lq, D)`` against ``key`` /
     ``value`` ``(B, Hkv, Lk, D|Dv)`` over ``block_mask``'s blocks (GQA when the
@@ -51,12 +132,13 @@ def run_flex_attention(
         >>> run_flex_attention(q, k, v, block_mask=mask).shape
         torch.Size([1, 2, 256, 64])
     """
-    if query.device.type not in _COMPILED_FLEX:
-        raise ValueError(f"FlexAttention runs on {sorted(_COMPILED_FLEX)} tensors, but got device {query.device}")
+    compiled = _COMPILED_FLEX.get((query.device.type, kernel))
+    if compiled is None:
+        raise ValueError(f"no FlexAttention {kernel} kernel for {query.device.type} tensors; expected one of {sorted(_COMPILED_FLEX)}")
     # Distinct masks, dtypes and layouts each compile once; the default
     # recompile limit (8) would silently fall back to eager flex.
     with eager_dispatch_state(), recompile_limits(256, 4096):
-        return _COMPILED_FLEX[query.device.type](
+        return compiled(
             query,
             key,
             value,

@@ -64,19 +64,21 @@ def threshold_rule_on_probes(
     visible = visible.expand_as(scores)
     forced = forced.expand_as(scores) & visible
     estimate = scores.float().masked_fill(~visible, 0.0)
-    # Forced blocks first, then the others by score (ties by index, as the
-    # stable sort of select_blocks orders them), invisible ones last.
+    # The same sums as select_blocks (so that ties at tau fall the same way):
+    # forced blocks first, then the candidates by score (ties by index, as its
+    # stable sort orders them), invisible ones last.
+    total = estimate.sum(-1, keepdim=True)
+    forced_mass = estimate.masked_fill(~forced, 0.0).sum(-1, keepdim=True)
     key = torch.where(forced, float("inf"), torch.where(visible, estimate, -1.0))
     order = key.sort(dim=-1, descending=True, stable=True).indices
-    ranked = estimate.gather(-1, order)
-    before = ranked.cumsum(-1) - ranked
-    total = estimate.sum(-1, keepdim=True)
+    candidates = estimate.masked_fill(forced, 0.0).gather(-1, order)
+    before = forced_mass + (candidates.cumsum(-1) - candidates)
     tau = thresholds.to(scores.device, torch.float32).view(-1, *([1] * scores.dim()))
     # The kept blocks are a prefix of this order: every forced block, then the
-    # others while the estimated mass before them stays below tau of the row.
-    within = (before < tau * total).sum(-1)
-    n_visible = visible.sum(-1)
-    kept = torch.maximum(forced.sum(-1), within).minimum(n_visible)
+    # candidates while the estimated mass before them stays below tau of the row.
+    n_forced, n_visible = forced.sum(-1), visible.sum(-1)
+    within = ((before < tau * total) & (torch.arange(scores.shape[-1], device=scores.device) >= n_forced[..., None])).sum(-1)
+    kept = (n_forced + within).minimum(n_visible)
     kept = torch.where(tau.squeeze(-1) >= 1.0, n_visible, kept)  # tau >= 1 keeps every visible block
     kept_mass = torch.nn.functional.pad(mass.float().expand_as(scores).gather(-1, order).cumsum(-1), (1, 0))
     recall = kept_mass.expand(len(thresholds), *kept_mass.shape).gather(-1, kept.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,204 @@
+"""``xflex bench``: the whole xflex op against the best dense SDPA (cuDNN and
+FlashAttention, timed in the same run on the same GPU), by input family and
+length, with its density, the cost of finding the sparsity, and the speed of
+each computed block relative to dense attention."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import attention_kernel
+from ..config import Config
+from ..context import sparsity
+from ..op import sparse_sdpa
+from ..planning import plan
+from .inputs import FAMILIES, make_inputs
+
+__all__ = ["HEADER", "LENGTHS", "SpeedRow", "describe_gpu", "markdown_row", "markdown_table", "parse_length", "plot", "run"]
+
+LENGTHS = ("8K", "32K", "128K")
+
+
+@dataclasses.dataclass
+class SpeedRow:
+    """One (family, length, method, kernel) measurement; times in ms (median)."""
+
+    family: str
+    length: int
+    method: str
+    kernel: str
+    cudnn_ms: float
+    flash_ms: float
+    xflex_ms: float
+    plan_ms: float  # scoring + selection (+ probes for the adaptive method)
+    density: float | None  # None: the call ran dense
+    dense_reason: str | None
+    backward: bool
+
+    @property
+    def speedup(self) -> float:
+        """Against the best dense SDPA of the same run."""
+        return min(self.cudnn_ms, self.flash_ms) / self.xflex_ms
+
+    @property
+    def block_efficiency(self) -> float | None:
+        """Dense time per block over sparse-attention time per computed block (1: cuDNN's speed)."""
+        attend_ms = self.xflex_ms - self.plan_ms
+        if self.density is None or attend_ms <= 0:
+            return None
+        return min(self.cudnn_ms, self.flash_ms) * self.density / attend_ms
+
+
+def _time_ms(fn: Callable[[], object], rep_ms: int) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def _dense(q, k, v, causal: bool, backend) -> Callable[[], torch.Tensor]:
+    from torch.nn.attention import sdpa_kernel
+
+    def run() -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+    return run
+
+
+def _with_backward(forward: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        forward().backward(grad)
+
+    return run
+
+
+def run(
+    families: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    methods: Sequence[str] = ("adaptive",),
+    kernels: Sequence[str] = ("triton",),
+    heads: int = 32,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    threshold: float = 0.95,
+    stride: int = 8,
+    backward: bool = False,
+    rep_ms: int = 100,
+    report: Callable[[SpeedRow], None] = lambda row: None,
+) -> list[SpeedRow]:
+    """Time every (family, length, method, kernel) on the current CUDA GPU.
+
+    Correctness is checked first for each family and length: at threshold 1.0
+    the op must equal cuDNN SDPA to bf16 tolerance.
+
+    Example:
+        >>> rows = run(["llm"], [32768], methods=["adaptive", "antidiagonal"])   # doctest: +SKIP
+        >>> print(markdown_table(rows))                                         # doctest: +SKIP
+    """
+    from torch.nn.attention import SDPBackend
+
+    rows = []
+    for family in families:
+        causal = FAMILIES[family].causal
+        for length in lengths:
+            q, k, v = make_inputs(family, length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+            if backward:
+                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            grad = torch.randn_like(q) if backward else None
+            dense = {name: _dense(q, k, v, causal, b) for name, b in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))}
+            exact = sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads, config=Config(threshold=1.0, break_even=False))
+            error = (exact.float() - dense["cudnn"]().float()).abs().max().item()
+            if error > 3e-2:
+                raise AssertionError(f"{family} L={length}: xflex at threshold 1.0 differs from cuDNN by {error:.3g}")
+            wrap = (lambda fn: _with_backward(fn, grad)) if backward else (lambda fn: fn)
+            dense_ms = {name: _time_ms(wrap(fn), rep_ms) for name, fn in dense.items()}
+            for method in methods:
+                for kernel in kernels:
+                    config = Config(method=method, threshold=threshold, stride=stride, attention_kernel=kernel)
+
+                    def sparse() -> torch.Tensor:
+                        return sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads, config=config)
+
+                    with sparsity() as stats:
+                        sparse()
+                    record = stats.records[-1]
+                    chosen = attention_kernel(
+                        kernel, q, value_head_dim=head_dim, block_size=config.block_size, captures_tensors=False, needs_grad=backward
+                    )
+                    row = SpeedRow(
+                        family=family,
+                        length=length,
+                        method=method,
+                        kernel=chosen if record.sparse else "-",
+                        cudnn_ms=dense_ms["cudnn"],
+                        flash_ms=dense_ms["flash"],
+                        xflex_ms=_time_ms(wrap(sparse), rep_ms),
+                        plan_ms=_time_ms(lambda: plan(q.detach(), k.detach(), is_causal=causal, config=config).blocks, rep_ms),
+                        density=stats.density,
+                        dense_reason=record.dense_reason,
+                        backward=backward,
+                    )
+                    rows.append(row)
+                    report(row)
+            q = k = v = grad = dense = None  # freed before the next length (closures above read them)
+            torch.cuda.empty_cache()
+    return rows
+
+
+HEADER = (
+    "| family | L | method | kernel | cuDNN ms | flash ms | xflex ms | speed-up vs best dense | density "
+    "| scoring+selection (% dense) | block efficiency vs dense |\n|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def markdown_row(r: SpeedRow) -> str:
+    best = min(r.cudnn_ms, r.flash_ms)
+    density = f"{r.density:.3f}" if r.density is not None else f"dense ({r.dense_reason})"
+    efficiency = "-" if r.block_efficiency is None else f"{r.block_efficiency:.2f}"
+    return (
+        f"| {r.family} | {r.length // 1024 if r.length % 1024 == 0 else r.length / 1024:g}K | {r.method} | {r.kernel} "
+        f"| {r.cudnn_ms:.2f} | {r.flash_ms:.2f} | {r.xflex_ms:.2f} | {r.speedup:.2f}x | {density} "
+        f"| {r.plan_ms:.2f} ({100 * r.plan_ms / best:.1f}%) | {efficiency} |"
+    )
+
+
+def markdown_table(rows: Sequence[SpeedRow]) -> str:
+    """The rows as one markdown table."""
+    return "\n".join([HEADER, *(markdown_row(r) for r in rows)])
+
+
+def plot(rows: Sequence[SpeedRow], path) -> None:
+    """Speed-up against length, one line per (family, method, kernel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6.5, 4.2))
+    for key in dict.fromkeys((r.family, r.method, r.kernel) for r in rows):
+        group = sorted((r for r in rows if (r.family, r.method, r.kernel) == key), key=lambda r: r.length)
+        axis.plot([r.length for r in group], [r.speedup for r in group], marker="o", label=" ".join(key))
+    axis.axhline(1.0, color="gray", linewidth=0.8)
+    axis.set(xscale="log", xlabel="tokens", ylabel="speed-up vs best dense SDPA", title=f"xflex on {torch.cuda.get_device_name()}")
+    axis.set_xticks(sorted({r.length for r in rows}), [f"{r // 1024}K" for r in sorted({r.length for r in rows})])
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def describe_gpu() -> str:
+    import triton
+
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+
+
+def parse_length(text: str) -> int:
+    """``"32K"``, ``"76.8K"`` or ``"32768"`` in tokens."""
+    return int(round(float(text[:-1]) * 1024)) if text.upper().endswith("K") else int(text)
