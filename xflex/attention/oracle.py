@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends import Backend
+from .backends import Backend, uses_triton
 from .scoring import score_blocks
 
 __all__ = ["exact_block_mass", "oracle_block_counts", "sample_query_blocks", "sampled_block_mass"]
@@ -103,12 +103,13 @@ def exact_block_mass(
     blocks = list(q_blocks)
     last_blocks = blocks == list(range(n_q - len(blocks), n_q))
     fits = block_size <= _MAX_TILES_PER_BLOCK and attn_mask is None and (last_blocks or not is_causal)
-    if not fits or backend == "torch" or not (query.is_cuda or backend != "auto"):
+    if not fits or not uses_triton(backend, query):
         return sampled_block_mass(query, key, attn_mask, is_causal, scale, block_size, blocks)
     start = blocks[0] * block_size
     rows = query[:, :, start:] if is_causal else torch.cat([query[:, :, b * block_size : (b + 1) * block_size] for b in blocks], 2)
+    # The Triton kernel: the Gluon one was never run at stride 1.
     sums = score_blocks(
-        rows, key, stride=1, block_size=block_size, scale=scale, causal_offset=start if is_causal else None, backend=backend
+        rows, key, stride=1, block_size=block_size, scale=scale, causal_offset=start if is_causal else None, backend="triton"
     )
     # Each block's rows sum to its row count (the last may be ragged): the mean row.
     counts = torch.tensor(
