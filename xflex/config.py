@@ -80,7 +80,7 @@ class Config:
     """
 
     enabled: bool = True
-    method: Method = "adaptive"
+    method: Method = "antidiagonal"
     threshold: Threshold = 0.95
     probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
