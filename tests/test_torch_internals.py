@@ -2,7 +2,9 @@
 exists and behaves as xflex uses it: a torch release that removes or changes
 one fails here, by name."""
 
+import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from xflex import torch_internals
@@ -54,3 +56,25 @@ def test_mark_dynamic_and_compile_seconds():
 
 def test_public_replacement_exists():
     assert callable(torch.compiler.disable)  # warmup's hooks (was torch._dynamo.disable)
+
+
+def test_context_parallel_is_detected_by_its_sdpa_patch(tmp_path):
+    """context_parallel() replaces F.scaled_dot_product_attention with a wrapper
+    from its own module (a one-process gloo group is enough to enter it)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    assert not torch_internals.sdpa_patched_by_context_parallel()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        q = torch.randn(1, 2, 8, 4)
+        with context_parallel(init_device_mesh("cpu", (1,)), buffers=[q], buffer_seq_dims=[2]):
+            assert torch_internals.sdpa_patched_by_context_parallel(), (
+                f"torch {torch.__version__}: context_parallel() no longer patches F.scaled_dot_product_attention "
+                "with a function of torch.distributed.tensor.experimental"
+            )
+        assert not torch_internals.sdpa_patched_by_context_parallel()
+    finally:
+        dist.destroy_process_group()

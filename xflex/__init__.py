@@ -5,8 +5,10 @@ Data flow: ``backend`` (the ``xattn`` backend) runs ``passes`` (find SDPA
 calls, rewrite them into the xflex op), then Inductor. At run time each call
 goes through ``op`` (settings from ``context``, fallbacks from ``policy``)
 and ``planning`` into the stages of ``attention``: scoring -> selection ->
-BlockMask -> FlexAttention, reporting to ``stats``."""
+BlockMask -> FlexAttention, reporting to ``stats``. ``distributed`` runs
+the op on sequence shards over several ranks (Ulysses)."""
 
+from . import distributed
 from .attention import BACKENDS, Backend, KVBlocks, SdpaArgs
 from .backend import CompiledCall, last_compile_report, xattn
 from .calibration import Calibration, calibration
@@ -33,6 +35,7 @@ __all__ = [
     "UNSET",
     "calibration",
     "dense_warmup",
+    "distributed",
     "last_compile_report",
     "plan",
     "sparse_sdpa",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_internals import eager_dispatch_state
+from .torch_internals import eager_dispatch_state, sdpa_patched_by_context_parallel
 from .attention import SdpaArgs, build_block_mask, call_pattern, run_flex_attention
 from .calibration import active_calibrations
 from .config import Config
@@ -40,6 +40,15 @@ def _dense_marker(shape: tuple[int, ...], device: torch.device) -> tuple[torch.T
     return num, idx, num.clone(), idx.clone()
 
 
+# Ring attention exchanges keys between ranks inside SDPA; the xflex op would
+# select and attend within this rank's shard only: a wrong answer, not an error.
+_CONTEXT_PARALLEL_ERROR = (
+    "the xflex op cannot run inside torch.distributed.tensor.experimental.context_parallel(): that context "
+    "shards q/k/v along the sequence and only its own SDPA exchanges keys between ranks, so xflex would attend "
+    "within this rank's shard. Use xflex.distributed.ulysses_attention on the shards instead (README: Several GPUs)"
+)
+
+
 @torch.library.custom_op("xflex::sparse_sdpa", mutates_args=())
 def _sparse_sdpa_op(
     query: torch.Tensor,
@@ -54,6 +63,8 @@ def _sparse_sdpa_op(
     config: str,
     needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if sdpa_patched_by_context_parallel():
+        raise RuntimeError(_CONTEXT_PARALLEL_ERROR)
     args = SdpaArgs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     cfg = effective_config(Config.from_key(config))
     reason = dense_reason(args, cfg, needs_grad)

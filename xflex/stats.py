@@ -76,8 +76,12 @@ class SparsityStats:
     def density(self) -> float | None:
         """Fraction of visible blocks computed over the sparse calls (None when
         no call ran sparse: see ``dense_calls``)."""
-        selected, visible = _sparse_totals(self.records)
+        selected, visible = self.block_totals()
         return selected / visible if visible else None
+
+    def block_totals(self) -> tuple[int, int]:
+        """(computed, visible) blocks summed over the sparse calls (host sync)."""
+        return _sparse_totals(self.records)
 
     @property
     def sparse_calls(self) -> list[CallRecord]:

@@ -25,6 +25,7 @@ __all__ = [
     "inductor_option_names",
     "mark_dynamic_if_possible",
     "recompile_limits",
+    "sdpa_patched_by_context_parallel",
 ]
 
 # How dynamo records `F.scaled_dot_product_attention` in FX graphs.
@@ -81,3 +82,14 @@ def mark_dynamic_if_possible(tensor: torch.Tensor, dim: int) -> None:
 def compile_seconds() -> float:
     """Seconds dynamo and its backends have spent compiling in this process."""
     return float(torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0))
+
+
+def sdpa_patched_by_context_parallel() -> bool:
+    """Whether ``torch.distributed.tensor.experimental.context_parallel()`` is
+    active. That context replaces ``F.scaled_dot_product_attention`` with a
+    wrapper defined in its own (private) module, which turns the local q/k/v
+    shards into sequence-sharded DTensors for ring attention; any other
+    attention op inside sees only this rank's shard."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    module = getattr(sdpa, "__module__", None) or ""
+    return sdpa is not SDPA_C_FUNCTION and module.startswith("torch.distributed.tensor.experimental")
