@@ -81,7 +81,7 @@ class Config:
 
     enabled: bool = True
     method: Method = "antidiagonal"
-    threshold: Threshold = 0.95
+    threshold: Threshold = 0.98
     probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     stride: int = 8
