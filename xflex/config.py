@@ -108,6 +108,9 @@ class Config:
             )
         return Config.from_options(overrides, base=self)
 
+    # A frozen config's key is a constant: dynamo takes it as one instead of
+    # tracing json (which it cannot), so compiled code may call sparse_sdpa.
+    @torch.compiler.assume_constant_result
     def to_key(self) -> str:
         """A string that carries this config through an FX graph and back."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
