@@ -36,9 +36,10 @@ only show that nothing forces text blocks either way; printed with -s): text
 query rows keep 0.46-0.49 of their visible blocks (call densities 0.44-0.50),
 and video query rows keep each pure-text key block 0.38-0.98 of the time. So
 text blocks do NOT stay dense. Padded text keys (HunyuanVideo's mask) are
-invisible: never computed, not counted. HunyuanVideo's padding mask also makes
-xflex treat the call as causal-like, so key block 0 (the first video block) is
-kept in every row as a "sink" (a core quirk, see the test).
+invisible: never computed, not counted. No call here is causal: HunyuanVideo's
+joint mask has no query axis, and its text refiner's mask over (query, key)
+pairs shows real queries the keys after them, so no call keeps key block 0 as
+a sink (``tests/test_joint_attention.py``).
 """
 
 from __future__ import annotations

@@ -161,10 +161,12 @@ def call_forced_blocks(pattern: CallPattern, q_len: int, kv_len: int, config: Co
         kv_len,
         config.block_size,
         diagonal_offset=pattern.diagonal_offset,
-        keep_sink=config.keep_sink and pattern.causal,
+        keep_sink=False,  # the pattern's own sink: decided on the device for masks
         keep_recent=config.keep_recent,
         device=device,
     )
+    if config.keep_sink and pattern.sink is not None:
+        forced = forced | pattern.sink
     if config.dense_row_blocks == 0:
         return forced
     visible = pattern.visibility.any

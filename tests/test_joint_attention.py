@@ -1,0 +1,106 @@
+"""Masks of joint (text + video) attention: which masks make a call causal
+(and keep the sink). References: ``F.scaled_dot_product_attention`` and masks
+built by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xflex
+from xflex.attention import call_pattern
+
+BLOCK = 64
+L = 320  # 5 blocks
+B, H, D = 2, 2, 16
+
+
+def _padding(valid: list[int]) -> torch.Tensor:
+    """``(B, L)`` bool: the first ``valid[b]`` keys of each sequence are real."""
+    return torch.arange(L)[None, :] < torch.tensor(valid)[:, None]
+
+
+def _masks() -> dict[str, torch.Tensor]:
+    keys = _padding([L, 200])
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    left = torch.arange(L)[None, :] >= torch.tensor([0, 70])[:, None]  # left padding, as HF batches
+    window = causal & ~torch.ones(L, L, dtype=torch.bool).tril(-129)
+    # HunyuanVideo's text refiner: (query, key) pairs both real, key 0 always seen.
+    pairs = keys[:, None, :, None] & keys[:, None, None, :]
+    pairs[..., 0] = True
+    return {
+        "keys": keys[:, None, None, :],  # (B, 1, 1, L): no query axis
+        "keys expanded": keys[:, None, None, :].expand(B, 1, L, L),  # HF's bidirectional form: stride 0
+        "pairs": pairs,
+        "causal + left padding": causal[None, None] & left[:, None, None, :],
+        "sliding window": window,
+        "all visible": torch.ones(B, 1, L, L, dtype=torch.bool),
+    }
+
+
+CAUSAL = {"causal + left padding", "sliding window"}
+
+
+@pytest.mark.parametrize("name", list(_masks()))
+def test_only_causal_masks_keep_the_sink(name):
+    mask = _masks()[name]
+    q = torch.randn(B, H, L, D)
+    pattern = call_pattern(q, q, mask, False, BLOCK)
+    if name in ("keys", "keys expanded"):
+        assert not pattern.causal and pattern.sink is None
+        return
+    assert pattern.sink.shape[-2:] == (1, 5)
+    assert pattern.sink[..., 1:].sum() == 0
+    assert pattern.sink[..., 0].all() == (name in CAUSAL) and pattern.sink[..., 0].any() == (name in CAUSAL)
+
+
+def test_causal_decision_needs_no_host_read():
+    """On the meta device any host read of a value fails: the decision is
+    made from shapes, strides and device-side reductions only."""
+    q = torch.randn(B, H, L, D, device="meta")
+    for mask in _masks().values():
+        pattern = call_pattern(q, q, mask.to("meta"), False, BLOCK)
+        assert pattern.sink is None or pattern.sink.device.type == "meta"
+
+
+def test_broadcast_key_mask_in_cross_attention_has_no_diagonal():
+    q, k = torch.randn(B, H, 128, D), torch.randn(B, H, L, D)
+    mask = _padding([L, 200])[:, None, None, :].expand(B, 1, 128, L)
+    pattern = call_pattern(q, k, mask, False, BLOCK)
+    assert pattern.diagonal_offset is None and pattern.sink is None
+
+
+def _local_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = k with a large norm: each query's own block holds nearly all of its
+    mass, so at a low threshold only forced blocks join it."""
+    gen = torch.Generator().manual_seed(seed)
+    q = 4.0 * torch.randn(B, H, L, D, generator=gen)
+    return q, q.clone()
+
+
+@pytest.mark.parametrize("name", ["pairs", "causal + left padding"])
+def test_sink_block_kept_in_every_row_only_for_causal_masks(name):
+    mask = _masks()[name]
+    q, k = _local_inputs()
+    options = dict(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0, method="antidiagonal", threshold=0.5)
+    plan = xflex.plan(q, k, mask, config=xflex.Config(**options))
+    without_sink = xflex.plan(q, k, mask, config=xflex.Config(**options, keep_sink=False))
+    rows = plan.visible[..., 0]  # rows that see key block 0
+    kept = plan.selected[..., 0][rows].float().mean().item()
+    print(f"{name}: key block 0 kept by {kept:.2f} of the rows that see it")
+    if name in CAUSAL:
+        assert kept == 1.0 and not without_sink.selected[..., 0][rows].all()
+    else:
+        assert torch.equal(plan.selected, without_sink.selected)
+
+
+@pytest.mark.parametrize("name", list(_masks()))
+@torch.no_grad()
+def test_threshold_one_matches_sdpa(name):
+    mask = _masks()[name]
+    q, k = _local_inputs(1)
+    v = torch.randn_like(q)
+    with xflex.sparsity(threshold=1.0):
+        out = xflex.sparse_sdpa(q / 4, k / 4, v, attn_mask=mask, config=xflex.Config(block_size=BLOCK, min_seq_len=0))
+    expected = F.scaled_dot_product_attention(q / 4, k / 4, v, attn_mask=mask)
+    real = mask.expand(B, 1, L, L).any(-1, keepdim=True).expand_as(out)  # rows that see no key are zeros in xflex
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
