@@ -407,6 +407,62 @@ def test_low_threshold_selects_blocks(compiled_models, name):
         assert sum(text_key_kept) / len(text_key_kept) < 1
 
 
+# Where the joint calls hold their text (the token refiner, text only, runs dense).
+TEXT_TOKENS = {"cogvideox": TEXT, "hunyuan_video": -TEXT, "flux": TEXT}
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("name", list(TEXT_TOKENS))
+@torch.no_grad()
+def test_text_tokens_by_call_keeps_text_blocks_dense(compiled_models, name):
+    """``text_tokens_by_call``: in every joint call, a query block holding a
+    text token keeps all its visible key blocks, and every query block keeps
+    the visible key blocks holding one; no recompile. Prints the output's
+    relative error against eager with and without it (random weights: the
+    README's measurement, with ``-s``)."""
+    model = compiled_models(name)
+    text = {"*transformer_blocks.*": TEXT_TOKENS[name]}
+    for tau in (0.5, 0.8, 0.95):
+        with xflex.sparsity(threshold=tau) as plain:
+            error = _relative_error(model(), model.expected)
+        with count_xattn_compiles() as compiles, _recorded_selections() as selections, xflex.sparsity(
+            threshold=tau, text_tokens_by_call=text
+        ) as stats:
+            dense_text_error = _relative_error(model(), model.expected)
+        print(
+            f"{name} tau {tau}: relative error {error:.4f} at density {plain.density:.3f}; "
+            f"text dense: {dense_text_error:.4f} at {stats.density:.3f}"
+        )
+    assert compiles.call_count == 0
+    for record, (pattern, selected) in zip(stats.sparse_calls, selections):
+        site = model.case.sites[record.name]
+        length = record.query_shape[2]
+        holding_text = [b for b in range(-(-length // BLOCK)) if b not in _blocks(site.text, length, inside=False)]
+        visible = pattern.visibility.any.expand_as(selected)
+        assert torch.equal(selected[:, :, holding_text], visible[:, :, holding_text]), record.name
+        assert torch.equal(selected[..., holding_text], visible[..., holding_text]), record.name
+        assert not torch.equal(selected, visible), f"{record.name}: the video blocks are still cut"
+
+
+def test_diffusers_takes_no_new_attention_backend_through_public_api():
+    """Why xflex registers no diffusers attention backend (README): a backend
+    is an ``AttentionBackendName`` member, which public API cannot add. If
+    this fails, diffusers has opened its registry: register xflex there."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend
+
+    with pytest.raises(ValueError):
+        AttentionBackendName("xattn")
+    with pytest.raises(ValueError, match="not registered"):
+        with attention_backend("xattn"):
+            pass
+    model, _ = _wan()
+    with pytest.raises(ValueError, match="must be one of"):
+        model.set_attention_backend("xattn")
+
+
 class _Denoiser(torch.nn.Module):
     """Stands in for a transformer when no compile is needed."""
 

@@ -1,13 +1,14 @@
-"""Masks of joint (text + video) attention: which masks make a call causal
-(and keep the sink). References: ``F.scaled_dot_product_attention`` and masks
-built by hand."""
+"""Masks and text tokens of joint (text + video) attention: which masks make a
+call causal (and keep the sink), and ``text_tokens_by_call``, which keeps a
+joint call's text blocks dense. References: ``F.scaled_dot_product_attention``
+and masks built by hand."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import xflex
-from xflex.attention import call_pattern
+from xflex.attention import call_pattern, text_token_blocks
 
 BLOCK = 64
 L = 320  # 5 blocks
@@ -104,3 +105,62 @@ def test_threshold_one_matches_sdpa(name):
     expected = F.scaled_dot_product_attention(q / 4, k / 4, v, attn_mask=mask)
     real = mask.expand(B, 1, L, L).any(-1, keepdim=True).expand_as(out)  # rows that see no key are zeros in xflex
     torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------ text tokens ---
+
+
+@pytest.mark.parametrize("text_tokens, blocks", [(100, [0, 1]), (-100, [3, 4]), (64, [0]), (-20, [4]), (-64, [4])])
+def test_text_token_blocks_are_the_blocks_holding_text(text_tokens, blocks):
+    holding = text_token_blocks(L, BLOCK, text_tokens=text_tokens, device=torch.device("cpu"))
+    assert holding.nonzero().flatten().tolist() == blocks
+
+
+def _text_config(**options) -> xflex.Config:
+    base = dict(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0, method="antidiagonal", threshold=0.5)
+    return xflex.Config.from_options({**base, **options})
+
+
+@pytest.mark.parametrize("method", ["antidiagonal", "adaptive"])
+def test_text_blocks_are_added_to_the_cut_made_without_them(method):
+    """Text rows and columns are computed whole, on top of the selection the
+    call makes without ``text_tokens_by_call`` (a superset: text only adds)."""
+    q, k = _local_inputs(2)
+    text = {"joint.*": -100, "other": 64}
+    plain = xflex.plan(q, k, config=_text_config(method=method), call_name="joint.0")
+    plan = xflex.plan(q, k, config=_text_config(method=method, text_tokens_by_call=text), call_name="joint.0")
+    assert plan.selected[:, :, 3:].all() and plan.selected[..., 3:].all()  # text rows, text columns
+    assert torch.equal(plan.selected[:, :, :3, :3], plain.selected[:, :, :3, :3])  # the video part as without
+    assert (plan.selected | ~plain.selected).all()
+    other = xflex.plan(q, k, config=_text_config(method=method, text_tokens_by_call=text), call_name="video.0")
+    assert torch.equal(other.selected, plain.selected)  # no pattern matches
+    v = torch.randn_like(q)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert (plan.attend(q, k, v) - expected).norm() <= (plain.attend(q, k, v) - expected).norm()
+
+
+def test_text_blocks_respect_the_mask():
+    q, k = _local_inputs(3)
+    mask = _masks()["keys"]  # the second sequence's keys end at 200: block 4 is hidden
+    plan = xflex.plan(q, k, mask, config=_text_config(text_tokens_by_call={"*": -100}), call_name="joint")
+    assert not (plan.selected & ~plan.visible).any()
+    assert plan.selected[0, :, :, 3:].all() and not plan.selected[1, :, :, 4].any()
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [({"*": 0}, "non-zero int"), ({"*": 1.5}, "non-zero int"), ({"*": True}, "non-zero int"), ({3: 8}, "patterns"), ("*", "mapping")],
+)
+def test_text_tokens_by_call_rejects_bad_values(value, needle):
+    with pytest.raises(ValueError, match=f"text_tokens_by_call.*{needle}"):
+        xflex.Config.from_options({"text_tokens_by_call": value})
+
+
+def test_text_tokens_by_call_first_match_wins_and_survives_the_graph_key():
+    config = xflex.Config.from_options({"text_tokens_by_call": {"single_*": -256, "*": 512}})
+    assert config.text_tokens_for("single_transformer_blocks.0.attn") == -256
+    assert config.text_tokens_for("transformer_blocks.0.attn") == 512
+    assert xflex.Config().text_tokens_for("transformer_blocks.0.attn") == 0
+    assert xflex.Config.from_key(config.to_key()) == config
+    with xflex.sparsity(text_tokens_by_call={"*": 64}):
+        assert xflex.context.effective_config(xflex.Config()).text_tokens_by_call == (("*", 64),)

@@ -20,7 +20,7 @@ import torch
 
 from .attention import SdpaArgs, sample_query_blocks, sampled_block_mass, select_blocks
 from .config import Config
-from .planning import Plan, call_forced_blocks
+from .planning import Plan, call_forced_blocks, call_text_blocks
 
 __all__ = ["Calibration", "active_calibrations", "calibration"]
 
@@ -74,12 +74,10 @@ class Calibration:
         rows_that_see = mass.sum(-1) > 0
         forced = call_forced_blocks(pattern, args.q_len, args.kv_len, config, scores.device)
         sampled = dict(visible=pattern.visibility.any[:, :, q_blocks], forced=forced[:, :, q_blocks])
-        recalls = torch.stack(
-            [
-                (mass * select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled)).sum(-1)[rows_that_see].mean()
-                for tau in self.thresholds
-            ]
-        )
+        text = call_text_blocks(args.q_len, args.kv_len, config, scores.device, call_name)
+        text = False if text is None else text[:, :, q_blocks]  # joint calls keep these too
+        kept = [select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled) | text for tau in self.thresholds]
+        recalls = torch.stack([(mass * blocks).sum(-1)[rows_that_see].mean() for blocks in kept])
         self.recalls.setdefault(call_name, []).append(recalls)
 
 
