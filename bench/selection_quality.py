@@ -1,7 +1,7 @@
 """Selection quality: recall (the true attention mass inside the selected
 blocks) against density, per method and threshold, beside the oracle (the
 fewest blocks that reach the same recall, row by row), on the synthetic input
-families of ``bench/inputs.py`` and on SmolLM2-135M's real attention, layer by
+families of ``xflex/benchmark/inputs.py`` and on SmolLM2-135M's real attention, layer by
 layer.
 
 Recall and oracle are exact on evaluation query blocks spread over the

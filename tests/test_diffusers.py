@@ -36,9 +36,10 @@ only show that nothing forces text blocks either way; printed with -s): text
 query rows keep 0.46-0.49 of their visible blocks (call densities 0.44-0.50),
 and video query rows keep each pure-text key block 0.38-0.98 of the time. So
 text blocks do NOT stay dense. Padded text keys (HunyuanVideo's mask) are
-invisible: never computed, not counted. HunyuanVideo's padding mask also makes
-xflex treat the call as causal-like, so key block 0 (the first video block) is
-kept in every row as a "sink" (a core quirk, see the test).
+invisible: never computed, not counted. No call here is causal: HunyuanVideo's
+joint mask has no query axis, and its text refiner's mask over (query, key)
+pairs shows real queries the keys after them, so no call keeps key block 0 as
+a sink (``tests/test_joint_attention.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ pytestmark = pytest.mark.slow
 # the text-only calls (64 text tokens, e.g. HunyuanVideo's token refiner, Wan's
 # cross-attention keys) dense, as the default min_seq_len=1024 does at real
 # sizes (256-512 text tokens), while the 496-576-token video calls run sparse.
+# dense_row_blocks=0: rows see 16-18 blocks, which the default (16) would
+# mostly keep whole; these tests are about the threshold cut.
 OPTIONS = {"block_size": 32, "min_seq_len": 128, "dense_row_blocks": 0}
 BLOCK = OPTIONS["block_size"]
 TEXT = 64  # text tokens of the joint models
@@ -402,6 +405,62 @@ def test_low_threshold_selects_blocks(compiled_models, name):
         text_key_kept.append(text_cols)
     if text_key_kept:  # ... nor forced: some video query rows drop them
         assert sum(text_key_kept) / len(text_key_kept) < 1
+
+
+# Where the joint calls hold their text (the token refiner, text only, runs dense).
+TEXT_TOKENS = {"cogvideox": TEXT, "hunyuan_video": -TEXT, "flux": TEXT}
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("name", list(TEXT_TOKENS))
+@torch.no_grad()
+def test_text_tokens_by_call_keeps_text_blocks_dense(compiled_models, name):
+    """``text_tokens_by_call``: in every joint call, a query block holding a
+    text token keeps all its visible key blocks, and every query block keeps
+    the visible key blocks holding one; no recompile. Prints the output's
+    relative error against eager with and without it (random weights: the
+    README's measurement, with ``-s``)."""
+    model = compiled_models(name)
+    text = {"*transformer_blocks.*": TEXT_TOKENS[name]}
+    for tau in (0.5, 0.8, 0.95):
+        with xflex.sparsity(threshold=tau) as plain:
+            error = _relative_error(model(), model.expected)
+        with count_xattn_compiles() as compiles, _recorded_selections() as selections, xflex.sparsity(
+            threshold=tau, text_tokens_by_call=text
+        ) as stats:
+            dense_text_error = _relative_error(model(), model.expected)
+        print(
+            f"{name} tau {tau}: relative error {error:.4f} at density {plain.density:.3f}; "
+            f"text dense: {dense_text_error:.4f} at {stats.density:.3f}"
+        )
+    assert compiles.call_count == 0
+    for record, (pattern, selected) in zip(stats.sparse_calls, selections):
+        site = model.case.sites[record.name]
+        length = record.query_shape[2]
+        holding_text = [b for b in range(-(-length // BLOCK)) if b not in _blocks(site.text, length, inside=False)]
+        visible = pattern.visibility.any.expand_as(selected)
+        assert torch.equal(selected[:, :, holding_text], visible[:, :, holding_text]), record.name
+        assert torch.equal(selected[..., holding_text], visible[..., holding_text]), record.name
+        assert not torch.equal(selected, visible), f"{record.name}: the video blocks are still cut"
+
+
+def test_diffusers_takes_no_new_attention_backend_through_public_api():
+    """Why xflex registers no diffusers attention backend (README): a backend
+    is an ``AttentionBackendName`` member, which public API cannot add. If
+    this fails, diffusers has opened its registry: register xflex there."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, attention_backend
+
+    with pytest.raises(ValueError):
+        AttentionBackendName("xattn")
+    with pytest.raises(ValueError, match="not registered"):
+        with attention_backend("xattn"):
+            pass
+    model, _ = _wan()
+    with pytest.raises(ValueError, match="must be one of"):
+        model.set_attention_backend("xattn")
 
 
 class _Denoiser(torch.nn.Module):

@@ -18,6 +18,11 @@ from .op import sparse_sdpa
 from .planning import Plan, plan
 from .stats import CallRecord, SparsityStats
 from .warmup import DenseWarmup, dense_warmup
+from . import integrations
+
+# attn_implementation="xattn" for transformers models, when transformers is
+# already imported (importing it here would double the cost of this import).
+integrations.transformers.register_if_imported()
 
 __all__ = [
     "BACKENDS",
@@ -36,6 +41,7 @@ __all__ = [
     "calibration",
     "dense_warmup",
     "distributed",
+    "integrations",
     "last_compile_report",
     "plan",
     "sparse_sdpa",

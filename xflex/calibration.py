@@ -24,7 +24,7 @@ import torch
 
 from .attention import SdpaArgs, sample_query_blocks, sampled_block_mass, select_blocks
 from .config import Config
-from .planning import Plan, call_forced_blocks, call_scores
+from .planning import Plan, call_forced_blocks, call_scores, call_text_blocks
 
 __all__ = ["Calibration", "active_calibrations", "calibration"]
 
@@ -99,9 +99,11 @@ class Calibration:
         sees = (mass.sum(-1) > 0).float()  # (B, H, P): rows that see no key do not count
         forced = call_forced_blocks(pattern, args.q_len, args.kv_len, config, scores.device)
         sampled = dict(visible=pattern.visibility.any[:, :, q_blocks], forced=forced[:, :, q_blocks])
+        text = call_text_blocks(args.q_len, args.kv_len, config, scores.device, call_name)
+        text = False if text is None else text[:, :, q_blocks]  # joint calls keep these too
         recalls = torch.stack(
             [
-                ((mass * select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled)).sum(-1) * sees).sum((0, 2))
+                ((mass * (select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled) | text)).sum(-1) * sees).sum((0, 2))
                 / sees.sum((0, 2)).clamp_min(1)
                 for tau in self.thresholds
             ]

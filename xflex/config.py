@@ -7,7 +7,7 @@ import dataclasses
 import fnmatch
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 
 import torch
@@ -52,6 +52,14 @@ class Config:
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
             calls use ``threshold``. Weak layers can keep more mass this way.
+        text_tokens_by_call: where joint text + video (or image) attention
+            calls hold their text tokens, ``{pattern: n}`` (first matching
+            pattern, as ``threshold_by_call``): ``n > 0`` the first ``n``
+            tokens of the call (Flux, CogVideoX), ``n < 0`` the last ``-n``
+            (HunyuanVideo). Their blocks stay dense: a query block holding a
+            text token keeps every visible key block, and every query block
+            keeps the key blocks holding one, on top of the blocks the
+            threshold keeps as without them (text only adds blocks).
         stride: antidiagonal stride S; divides ``block_size`` (8: more accurate,
             16: faster scoring).
         block_size: FlexAttention block size (fixed per compiled model).
@@ -84,6 +92,7 @@ class Config:
     threshold: Threshold = 0.98
     probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
+    text_tokens_by_call: tuple[tuple[str, int], ...] = ()
     stride: int = 8
     block_size: int = 128
     min_seq_len: int = 1024
@@ -108,7 +117,9 @@ class Config:
         if "threshold" in options:
             options["threshold"] = _normalise_threshold(options["threshold"])
         if "threshold_by_call" in options:
-            options["threshold_by_call"] = _normalise_threshold_by_call(options["threshold_by_call"])
+            options["threshold_by_call"] = _normalise_by_call(options["threshold_by_call"], _normalise_threshold)
+        if "text_tokens_by_call" in options:
+            options["text_tokens_by_call"] = _normalise_by_call(options["text_tokens_by_call"])
         return dataclasses.replace(base, **options)
 
     def override(self, overrides: Mapping[str, object]) -> Config:
@@ -120,6 +131,9 @@ class Config:
             )
         return Config.from_options(overrides, base=self)
 
+    # A frozen config's key is a constant: dynamo takes it as one instead of
+    # tracing json (which it cannot), so compiled code may call sparse_sdpa.
+    @torch.compiler.assume_constant_result
     def to_key(self) -> str:
         """A string that carries this config through an FX graph and back."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -131,10 +145,12 @@ class Config:
 
     def threshold_for(self, call_name: str) -> Threshold:
         """The threshold of the call named ``call_name`` (see ``threshold_by_call``)."""
-        for pattern, threshold in self.threshold_by_call:
-            if fnmatch.fnmatchcase(call_name, pattern):
-                return threshold
-        return self.threshold
+        return _first_match(self.threshold_by_call, call_name, self.threshold)
+
+    def text_tokens_for(self, call_name: str) -> int:
+        """The text tokens of the call named ``call_name`` (see
+        ``text_tokens_by_call``): ``n > 0`` the first n, ``n < 0`` the last -n, 0 none."""
+        return _first_match(self.text_tokens_by_call, call_name, 0)
 
     def threshold_tensor(self, num_heads: int, device: torch.device, call_name: str = "") -> torch.Tensor:
         """The call's threshold per query head, shaped ``(1, H, 1, 1)`` to broadcast over scores."""
@@ -146,6 +162,14 @@ class Config:
                 f"for {num_heads} heads"
             )
         return _threshold_tensor(values, torch.device(device))
+
+
+def _first_match(pairs: tuple[tuple[str, object], ...], call_name: str, default: object):
+    """The value of the first ``(fnmatch pattern, value)`` pair matching ``call_name``."""
+    for pattern, value in pairs:
+        if fnmatch.fnmatchcase(call_name, pattern):
+            return value
+    return default
 
 
 @lru_cache(maxsize=64)
@@ -163,7 +187,8 @@ RUNTIME_OPTIONS = tuple(name for name in _FIELDS if name not in COMPILE_TIME_OPT
 def _config_from_key(key: str) -> Config:
     values = json.loads(key)
     values["threshold"] = _normalise_threshold(values["threshold"])
-    values["threshold_by_call"] = _normalise_threshold_by_call(values["threshold_by_call"])
+    values["threshold_by_call"] = _normalise_by_call(values["threshold_by_call"], _normalise_threshold)
+    values["text_tokens_by_call"] = _normalise_by_call(values["text_tokens_by_call"])
     return Config(**values)
 
 
@@ -175,9 +200,9 @@ def _normalise_threshold(value: object) -> Threshold:
     return float(value) if _is_real(value) else value  # type: ignore[return-value]
 
 
-def _normalise_threshold_by_call(value: object) -> object:
-    """A ``{pattern: threshold}`` mapping (or its ``(pattern, threshold)`` pairs,
-    as JSON carries them) to a tuple of pairs, order kept; anything else is
+def _normalise_by_call(value: object, normalise_value: Callable[[object], object] = lambda v: v) -> object:
+    """A ``{pattern: value}`` mapping (or its ``(pattern, value)`` pairs, as
+    JSON carries them) to a tuple of pairs, order kept; anything else is
     returned for validation to reject."""
     pairs = value.items() if isinstance(value, Mapping) else value
     if not isinstance(pairs, Iterable) or isinstance(pairs, str):
@@ -185,7 +210,7 @@ def _normalise_threshold_by_call(value: object) -> object:
     pairs = list(pairs)
     if not all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in pairs):
         return value
-    return tuple((pattern, _normalise_threshold(threshold)) for pattern, threshold in pairs)
+    return tuple((pattern, normalise_value(v)) for pattern, v in pairs)
 
 
 def _valid_threshold(value: object) -> bool:
@@ -220,6 +245,13 @@ def _validate_config(c: Config) -> None:
         "threshold_by_call",
         "a mapping from call-name patterns (str) to thresholds (a float in (0, 1] or one per query head)",
         c.threshold_by_call,
+    )
+    _check(
+        isinstance(c.text_tokens_by_call, tuple)
+        and all(isinstance(pattern, str) and _is_int(n) and n != 0 for pattern, n in c.text_tokens_by_call),
+        "text_tokens_by_call",
+        "a mapping from call-name patterns (str) to a non-zero int (n > 0: the first n tokens, n < 0: the last -n)",
+        c.text_tokens_by_call,
     )
     _check(c.block_size in _BLOCK_SIZES, "block_size", f"one of {_BLOCK_SIZES}", c.block_size)
     _check(

@@ -47,6 +47,7 @@ def sparsity(
     threshold: float | Sequence[float] | _Unset = UNSET,
     probe_blocks: int | _Unset = UNSET,
     threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
+    text_tokens_by_call: Mapping[str, int] | _Unset = UNSET,
     stride: int | _Unset = UNSET,
     min_seq_len: int | _Unset = UNSET,
     keep_sink: bool | _Unset = UNSET,
@@ -69,6 +70,8 @@ def sparsity(
         threshold: tau in (0, 1], or one per query head.
         probe_blocks: query blocks per call that calibrate the adaptive method.
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
+        text_tokens_by_call: ``{call-name pattern: n}``: joint-attention calls
+            whose first ``n`` (``n < 0``: last ``-n``) tokens are text, kept dense.
         stride: antidiagonal stride, a divisor of the block size.
         min_seq_len: calls with fewer keys run dense.
         keep_sink: causal calls always keep key block 0.
@@ -93,6 +96,7 @@ def sparsity(
         threshold=threshold,
         probe_blocks=probe_blocks,
         threshold_by_call=threshold_by_call,
+        text_tokens_by_call=text_tokens_by_call,
         stride=stride,
         min_seq_len=min_seq_len,
         keep_sink=keep_sink,

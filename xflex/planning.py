@@ -17,6 +17,7 @@ from .attention import (
     CallPattern,
     KVBlocks,
     attention_kernel,
+    as_kv_blocks,
     build_block_mask,
     bucketed_flex_attention,
     call_pattern,
@@ -25,6 +26,7 @@ from .attention import (
     run_flex_attention,
     score_blocks,
     select_kv_blocks,
+    text_token_blocks,
 )
 from .attention.masks import visible_everywhere
 from .attention.selection.probes import (
@@ -36,7 +38,15 @@ from .attention.selection.probes import (
 )
 from .config import Config
 
-__all__ = ["Plan", "call_forced_blocks", "call_scores", "call_selection", "plan", "probe_calibration"]
+__all__ = [
+    "Plan",
+    "call_forced_blocks",
+    "call_scores",
+    "call_selection",
+    "call_text_blocks",
+    "plan",
+    "probe_calibration",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,14 +182,29 @@ def call_forced_blocks(pattern: CallPattern, q_len: int, kv_len: int, config: Co
         kv_len,
         config.block_size,
         diagonal_offset=pattern.diagonal_offset,
-        keep_sink=config.keep_sink and pattern.causal,
+        keep_sink=False,  # the pattern's own sink: decided on the device for masks
         keep_recent=config.keep_recent,
         device=device,
     )
+    if config.keep_sink and pattern.sink is not None:
+        forced = forced | pattern.sink
     if config.dense_row_blocks == 0:
         return forced
     visible = pattern.visibility.any
     return forced | (visible & (visible.sum(-1, keepdim=True) <= config.dense_row_blocks))
+
+
+def call_text_blocks(q_len: int, kv_len: int, config: Config, device: torch.device, call_name: str = "") -> torch.Tensor | None:
+    """``(1, 1, nQ, nK)`` bool: the blocks a joint attention call keeps dense
+    for its text tokens (``text_tokens_by_call``): every key block of a query
+    block holding text, and in every row the key blocks holding text; None
+    when the call has no text tokens."""
+    text_tokens = config.text_tokens_for(call_name)
+    if not text_tokens:
+        return None
+    rows = text_token_blocks(q_len, config.block_size, text_tokens=text_tokens, device=device)
+    columns = text_token_blocks(kv_len, config.block_size, text_tokens=text_tokens, device=device)
+    return (rows[:, None] | columns)[None, None]
 
 
 def call_selection(
@@ -192,13 +217,14 @@ def call_selection(
     *,
     threshold: torch.Tensor | None = None,
 ) -> KVBlocks:
-    """Stage 2 for one call: forced blocks plus the threshold cut, in
-    FlexAttention's kv layout.
+    """Stage 2 for one call: forced blocks plus the threshold cut, plus the
+    text blocks of a joint call, in FlexAttention's kv layout.
 
     Args:
         scores: the call's block scores.
         pattern, q_len, kv_len, config: the call.
-        call_name: picks the threshold from ``config.threshold_by_call``.
+        call_name: picks the threshold from ``config.threshold_by_call`` and
+            the text tokens from ``config.text_tokens_by_call``.
         threshold: ``(1, H, 1, 1)`` per-head thresholds instead (what
         :func:`probe_calibration` chose).
 
@@ -211,14 +237,21 @@ def call_selection(
     # CPU Inductor (2.13) miscompiles captured-tensor mask_mods together with
     # full blocks: there every selected block carries the mask_mod.
     no_full_blocks = pattern.captures_tensors and scores.device.type == "cpu"
-    return select_kv_blocks(
+    fully_visible = None if no_full_blocks else pattern.visibility.all
+    blocks = select_kv_blocks(
         scores,
         visible=pattern.visibility.any,
-        fully_visible=None if no_full_blocks else pattern.visibility.all,
+        fully_visible=fully_visible,
         forced=forced,
         threshold=threshold,
         backend=config.backend,
     )
+    text = call_text_blocks(q_len, kv_len, config, scores.device, call_name)
+    if text is None:
+        return blocks
+    # Added after the cut, which is made as without them (forced blocks' mass
+    # would count toward tau and crowd out video blocks): text only adds blocks.
+    return as_kv_blocks(blocks.selected | (text & pattern.visibility.any), fully_visible)
 
 
 def probe_calibration(
@@ -309,7 +342,7 @@ def plan(
         # Temperatures are powers of two: exact in any float dtype.
         scoring_query = query * temperature.to(query.dtype)
     scores = call_scores(scoring_query, key, pattern, config, scale)
-    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, threshold=threshold)
+    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold)
     kernel = attention_kernel(
         config.attention_kernel,
         query,

@@ -23,7 +23,7 @@ from .oracle import exact_block_mass, oracle_block_counts, sample_query_blocks, 
 from .pattern import CallPattern, call_pattern
 from .scoring import score_blocks, scoring_backend
 from .sdpa_args import SdpaArgs
-from .selection import KVBlocks, forced_blocks, select_blocks, select_kv_blocks
+from .selection import KVBlocks, as_kv_blocks, forced_blocks, select_blocks, select_kv_blocks, text_token_blocks
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -36,6 +36,7 @@ __all__ = [
     "MaskMod",
     "ScoreMod",
     "SdpaArgs",
+    "as_kv_blocks",
     "bucket_length",
     "bucketed_flex_attention",
     "attention_kernel",
@@ -51,4 +52,5 @@ __all__ = [
     "scoring_backend",
     "select_blocks",
     "select_kv_blocks",
+    "text_token_blocks",
 ]

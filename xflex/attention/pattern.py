@@ -4,6 +4,7 @@ mask_mod/score_mod, block visibility, and the causal alignment for scoring."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -33,8 +34,12 @@ class CallPattern:
     causal_offset: reduced-space causal mask for the scorer (None: not causal).
     diagonal_offset: key position of a query's own position is ``q + offset``
         (None: no such notion, e.g. cross-attention).
-    causal: the call is causal-like (is_causal, or an explicit mask with a
-        query axis), so the sink block applies.
+    causal: the call's queries may be ordered as a causal call's (is_causal,
+        or a mask with a query axis in memory): its last query blocks see the
+        most keys (the probes of the adaptive method).
+    sink: ``(B|1, H|1, 1, nK)`` bool, key block 0 where the call is causal
+        (kept whatever its score, with ``keep_sink``); None: no sink (no
+        mask, or one that only hides keys).
     captures_tensors: mask_mod/score_mod read captured tensors.
     shape: ``(B, Hq, Lq, Lk)`` of the call.
     attn_mask: the call's own mask, 4-D as given (None for ``is_causal`` or no mask).
@@ -46,6 +51,7 @@ class CallPattern:
     causal_offset: int | None
     diagonal_offset: int | None
     causal: bool
+    sink: torch.Tensor | None
     captures_tensors: bool
     shape: tuple[int, int, int, int]
     attn_mask: torch.Tensor | None = None
@@ -65,6 +71,25 @@ class CallPattern:
             return boolean_mask(padded.expand(B, Hq, q_len, kv_len)), None
         padded = F.pad(mask, (0, kv_len - real_kv_len, 0, pad_q), value=float("-inf"))
         return None, additive_bias(padded.expand(B, Hq, q_len, kv_len))
+
+
+@functools.lru_cache(maxsize=32)
+def _first_key_block(kv_len: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """``(1, 1, 1, nK)``: key block 0. Cached per shape: shared, never modify it."""
+    return (torch.arange(math.ceil(kv_len / block_size), device=device) == 0).view(1, 1, 1, -1)
+
+
+def _causal_sink(visible: torch.Tensor, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
+    """Key block 0 where a mask with a query axis is causal, i.e. hides every
+    key block wholly after its query block's last position (bottom-right
+    aligned): ``(B|1, H|1, 1, nK)``, decided on the device (no host sync).
+
+    A padding mask over (query, key) pairs (HunyuanVideo's text refiner)
+    shows real queries the keys after them, so it gets no sink."""
+    device = visible.device
+    ahead = ~causal_block_visibility(q_len, kv_len, block_size, kv_len - q_len, device).any
+    causal = ~(visible & ahead).any(-1, keepdim=True).any(-2, keepdim=True)
+    return causal & _first_key_block(kv_len, block_size, device)
 
 
 def _as_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -93,6 +118,7 @@ def call_pattern(
             causal_offset=0,
             diagonal_offset=0,
             causal=True,
+            sink=_first_key_block(Lk, block_size, query.device),
             captures_tensors=False,
             shape=(B, Hq, Lq, Lk),
         )
@@ -107,6 +133,7 @@ def call_pattern(
             causal_offset=None,
             diagonal_offset=0 if Lq == Lk else None,
             causal=False,
+            sink=None,
             captures_tensors=False,
             shape=(B, Hq, Lq, Lk),
         )
@@ -118,19 +145,23 @@ def call_pattern(
     else:
         visible = mask != float("-inf")
         mask_mod, score_mod = None, additive_bias(mask.expand(full_shape))
-    # A mask without a query axis only hides keys (padding): the call is
-    # bidirectional. A full (Lq, Lk) mask is taken as causal-like (Hugging Face
-    # LLMs), and with Lq < Lk as a KV prefix (chunked prefill): a query's own
-    # position is bottom-right aligned.
-    keys_only = mask.shape[-2] == 1
+    # A mask whose query axis is absent or broadcast (stride 0, as Hugging
+    # Face expands key-padding masks) only hides keys: the call is
+    # bidirectional, known from the shape alone. A query axis in memory may be
+    # causal (Hugging Face LLMs; with Lq < Lk a KV prefix, so a query's own
+    # position is bottom-right aligned) or padding over (query, key) pairs:
+    # the sink tells them apart from the block visibility, on the device.
+    keys_only = mask.shape[-2] == 1 or mask.stride(-2) == 0
     visible = visible.expand(visible.shape[0], visible.shape[1], Lq, Lk)
+    visibility = tensor_block_visibility(visible, block_size)
     return CallPattern(
         mask_mod=mask_mod,
         score_mod=score_mod,
-        visibility=tensor_block_visibility(visible, block_size),
+        visibility=visibility,
         causal_offset=None,
         diagonal_offset=(0 if Lq == Lk else None) if keys_only else Lk - Lq,
         causal=not keys_only,
+        sink=None if keys_only else _causal_sink(visibility.any, Lq, Lk, block_size),
         captures_tensors=True,
         shape=(B, Hq, Lq, Lk),
         attn_mask=mask,

@@ -9,10 +9,18 @@ from __future__ import annotations
 import torch
 
 from ..backends import Backend, uses_triton
-from .blocks import KVBlocks, forced_blocks
-from .reference import select_blocks, select_kv_blocks_reference, to_kv_blocks
+from .blocks import KVBlocks, forced_blocks, text_token_blocks
+from .reference import as_kv_blocks, select_blocks, select_kv_blocks_reference, to_kv_blocks
 
-__all__ = ["KVBlocks", "forced_blocks", "select_blocks", "select_kv_blocks", "to_kv_blocks"]
+__all__ = [
+    "KVBlocks",
+    "as_kv_blocks",
+    "forced_blocks",
+    "select_blocks",
+    "select_kv_blocks",
+    "text_token_blocks",
+    "to_kv_blocks",
+]
 
 
 def select_kv_blocks(

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["KVBlocks", "forced_blocks"]
+__all__ = ["KVBlocks", "forced_blocks", "text_token_blocks"]
 
 
 class KVBlocks(NamedTuple):
@@ -59,3 +59,20 @@ def forced_blocks(
     if keep_sink:
         forced |= kv_block == 0
     return forced[None, None]
+
+
+@functools.lru_cache(maxsize=32)
+def text_token_blocks(length: int, block_size: int, *, text_tokens: int, device: torch.device) -> torch.Tensor:
+    """``(nBlocks,)`` bool: the blocks of a ``length``-token sequence holding
+    one of its first ``text_tokens`` tokens (``text_tokens < 0``: of its last
+    ``-text_tokens``), as joint text + video attention places its text.
+    Cached per shape: the returned tensor is shared, never modify it.
+
+    Example:
+        >>> text_token_blocks(300, 64, text_tokens=-100, device="cpu")
+        tensor([False, False, False,  True,  True])
+    """
+    start = torch.arange(math.ceil(length / block_size), device=device) * block_size
+    if text_tokens > 0:
+        return start < text_tokens
+    return start + block_size > length + text_tokens

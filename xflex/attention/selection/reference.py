@@ -8,7 +8,7 @@ import torch
 
 from .blocks import KVBlocks
 
-__all__ = ["select_blocks", "select_kv_blocks_reference", "to_kv_blocks"]
+__all__ = ["as_kv_blocks", "select_blocks", "select_kv_blocks_reference", "to_kv_blocks"]
 
 # Query-block rows are independent: work on this many score elements at a
 # time so the sort's fp32 values and int64 indices stay a few hundred MiB
@@ -93,6 +93,12 @@ def select_kv_blocks_reference(
     """:func:`select_blocks`, then the kept blocks split into full (entirely
     visible under the mask) and partial, each laid out by :func:`to_kv_blocks`
     (arguments as in ``xflex.attention.selection.select_kv_blocks``)."""
-    selected = select_blocks(scores, visible=visible, forced=forced, threshold=threshold)
+    return as_kv_blocks(select_blocks(scores, visible=visible, forced=forced, threshold=threshold), fully_visible)
+
+
+def as_kv_blocks(selected: torch.Tensor, fully_visible: torch.Tensor | None) -> KVBlocks:
+    """``(B, H, nQ, nK)`` selected blocks as :class:`KVBlocks`: those entirely
+    visible under the mask (``fully_visible``, broadcastable; None: none) as
+    full blocks, the others as partial ones."""
     full = selected & fully_visible if fully_visible is not None else torch.zeros_like(selected)
     return KVBlocks(selected, *to_kv_blocks(selected & ~full), *to_kv_blocks(full))
