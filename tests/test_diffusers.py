@@ -425,6 +425,7 @@ def test_text_tokens_by_call_keeps_text_blocks_dense(compiled_models, name):
     README's measurement, with ``-s``)."""
     model = compiled_models(name)
     text = {"*transformer_blocks.*": TEXT_TOKENS[name]}
+    recorded = {}
     for tau in (0.5, 0.8, 0.95):
         with xflex.sparsity(threshold=tau) as plain:
             error = _relative_error(model(), model.expected)
@@ -436,15 +437,18 @@ def test_text_tokens_by_call_keeps_text_blocks_dense(compiled_models, name):
             f"{name} tau {tau}: relative error {error:.4f} at density {plain.density:.3f}; "
             f"text dense: {dense_text_error:.4f} at {stats.density:.3f}"
         )
-    assert compiles.call_count == 0
-    for record, (pattern, selected) in zip(stats.sparse_calls, selections):
-        site = model.case.sites[record.name]
-        length = record.query_shape[2]
-        holding_text = [b for b in range(-(-length // BLOCK)) if b not in _blocks(site.text, length, inside=False)]
-        visible = pattern.visibility.any.expand_as(selected)
-        assert torch.equal(selected[:, :, holding_text], visible[:, :, holding_text]), record.name
-        assert torch.equal(selected[..., holding_text], visible[..., holding_text]), record.name
-        assert not torch.equal(selected, visible), f"{record.name}: the video blocks are still cut"
+        assert compiles.call_count == 0
+        recorded[tau] = list(zip(stats.sparse_calls, selections))
+    for tau, calls in recorded.items():
+        for record, (pattern, selected) in calls:
+            site = model.case.sites[record.name]
+            length = record.query_shape[2]
+            holding_text = [b for b in range(-(-length // BLOCK)) if b not in _blocks(site.text, length, inside=False)]
+            visible = pattern.visibility.any.expand_as(selected)
+            assert torch.equal(selected[:, :, holding_text], visible[:, :, holding_text]), record.name
+            assert torch.equal(selected[..., holding_text], visible[..., holding_text]), record.name
+            if tau == 0.5:  # the lowest threshold still cuts video blocks
+                assert not torch.equal(selected, visible), f"{record.name}: the video blocks are no longer cut"
 
 
 def test_diffusers_takes_no_new_attention_backend_through_public_api():
