@@ -65,3 +65,20 @@ def count_xattn_compiles() -> mock._patch:
     import xflex.backend
 
     return mock.patch.object(xflex.backend, "rewrite_sdpa", wraps=xflex.backend.rewrite_sdpa)
+
+
+def tiny_llm_config(layers: int) -> dict:
+    """A small Llama-family config (GQA, 2 query heads per KV head) as keyword
+    arguments for transformers' config classes."""
+    return dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch._dynamo.testing
-from models import count_xattn_compiles
+from models import count_xattn_compiles, tiny_llm_config
 
 import xflex
 
@@ -28,16 +28,7 @@ NEW_TOKENS = 8
 def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: 2 query heads per KV head
-        vocab_size=128,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        **tiny_llm_config(LAYERS),
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config).eval()

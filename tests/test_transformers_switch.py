@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from models import count_xattn_compiles
+from models import count_xattn_compiles, tiny_llm_config
 
 import xflex
 
@@ -30,18 +30,7 @@ WINDOW = 128
 
 
 def _tiny_config(kind):
-    common = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: 2 query heads per KV head
-        vocab_size=128,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = tiny_llm_config(LAYERS)
     if kind == "llama":
         return LlamaConfig(**common)
     return Qwen2Config(
