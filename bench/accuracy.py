@@ -79,6 +79,7 @@ def run_prompt(model, compiled, tokenizer, prompt, text, seed, settings, args) -
         result = demo.run_sparse(
             compiled, tokenizer, prompt, new_tokens=args.new_tokens, dynamic_length=True,
             method=setting.method, threshold=setting.threshold, stride=args.stride,
+            break_even=False,  # the selection's own accuracy, also where a GPU would run these lengths dense
         )  # fmt: skip
         density = result.stats.density
         demo.log(f"  {setting.name}: density {_fmt(density)}, ppl ratio {result.perplexity / dense.perplexity:.4f}, retrieved {result.retrieved}")

@@ -149,6 +149,23 @@ def test_break_even_runs_a_call_dense_with_its_reason(monkeypatch):
     assert stats.dense_calls == [] and stats.density == 1.0
 
 
+def test_auto_attention_kernel_takes_flash_only_where_it_can_run(monkeypatch):
+    """``attention_kernel="auto"`` resolves per call: FLASH where it can run
+    the call, Triton where it cannot; ``"flash"`` there is an error naming why."""
+    from xflex.attention import flex
+
+    q = torch.randn(1, 2, 256, 64)
+    kwargs = dict(value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
+    assert flex.attention_kernel("auto", q, **kwargs) == "triton"  # CPU: no FLASH
+    with pytest.raises(ValueError, match="attention_kernel='flash' cannot run this call: it needs a Hopper"):
+        flex.attention_kernel("flash", q, **kwargs)
+    monkeypatch.setattr(flex, "flash_unsupported_reason", lambda query, **_: None)
+    assert flex.attention_kernel("auto", q, **kwargs) == "flash"
+    assert flex.attention_kernel("triton", q, **kwargs) == "triton"
+    with pytest.raises(ValueError, match="attention_kernel must be one of"):
+        flex.attention_kernel("cudnn", q, **kwargs)
+
+
 def test_bench_command_needs_cuda(capsys):
     from xflex.cli import main
 

@@ -77,8 +77,9 @@ class Config:
             scorer for large Hopper calls, plain torch on the CPU), "torch",
             "triton" or "gluon" (see ``xflex.attention.backends.Backend``).
         attention_kernel: the FlexAttention kernel over the selected blocks:
-            "triton" (the default) or "flash" (its FlashAttention-4 backend;
-            experimental, see ``xflex.attention.flex``).
+            "auto" (its FlashAttention-4 "FLASH" backend where installed and
+            able to run the call, else Triton), "triton" or "flash" (see
+            ``xflex.attention.flex``).
         break_even: on devices whose costs ``xflex.policy.MEASURED_BREAK_EVEN``
             lists, a call runs dense SDPA where sparse attention would not pay:
             keys fewer than the device's break-even length, or a selection
@@ -100,7 +101,7 @@ class Config:
     keep_recent: int = 0
     dense_row_blocks: int = 16
     backend: Backend = "auto"
-    attention_kernel: AttentionKernel = "triton"
+    attention_kernel: AttentionKernel = "auto"
     break_even: bool = True
 
     def __post_init__(self) -> None:

@@ -78,7 +78,7 @@ def sparsity(
         keep_recent: tokens before each query whose blocks are always kept.
         dense_row_blocks: query blocks that see at most this many key blocks keep them all.
         backend: "auto", "torch", "triton" or "gluon".
-        attention_kernel: "triton" or "flash" (FlexAttention's kernel).
+        attention_kernel: "auto", "triton" or "flash" (FlexAttention's kernel).
         break_even: run dense where the GPU's measured costs say sparse would not pay.
 
     Yields:

@@ -13,9 +13,9 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .attention import (
-    AttentionKernel,
     CallPattern,
     KVBlocks,
+    KernelName,
     attention_kernel,
     as_kv_blocks,
     build_block_mask,
@@ -69,7 +69,7 @@ class Plan:
     block_size: int
     scale: float | None
     for_backward: bool = False
-    kernel: AttentionKernel = "triton"
+    kernel: KernelName = "triton"
 
     @functools.cached_property
     def block_mask(self) -> BlockMask:

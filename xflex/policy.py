@@ -32,11 +32,18 @@ class BreakEven:
     max_density: float
 
 
-# (device_kind(), attention kernel) -> BreakEven, to be measured with `xflex
-# bench` and `python -m bench.attention_kernels` on each GPU kind. Empty: no
-# device has been measured with the current op yet (bench/RESULTS.md,
-# "Break-even"), so only min_seq_len decides.
-MEASURED_BREAK_EVEN: dict[tuple[str, str], BreakEven] = {}
+# (device_kind(), attention kernel) -> BreakEven, from `xflex bench` and
+# `python -m bench.attention_kernels` (bench/RESULTS.md, "Break-even"). A
+# selection pays while scoring share + density / block efficiency < 1: with
+# scoring at <= 8% of dense from 32K keys and the lowest measured efficiency
+# (Triton 0.57, FLASH 0.90), sparse stays within 2% of dense up to density
+# 0.53 (Triton) and 0.85 (FLASH). At 8K keys the whole op ran at 0.71-1.01x
+# of dense on LLM-like input and 2.3-3.3x at 32K: calls below 16K keys run
+# dense. GPU kinds not listed: only min_seq_len decides.
+MEASURED_BREAK_EVEN: dict[tuple[str, str], BreakEven] = {
+    ("NVIDIA H200", "triton"): BreakEven(min_keys=16384, max_density=0.53),
+    ("NVIDIA H200", "flash"): BreakEven(min_keys=16384, max_density=0.85),
+}
 
 
 def device_kind(device: torch.device) -> str:

@@ -1,12 +1,12 @@
 """Stage 4, attention: FlexAttention over the selected blocks, compiled once
 per device type and kernel and shared by every call.
 
-Two kernels: FlexAttention's Triton template (everywhere, the default) and,
-opt-in, its FLASH backend (FlashAttention-4's CuTeDSL kernels, Hopper and
-newer, with the optional ``flash-attn-4`` package), which an earlier
-measurement found faster per selected block (bench/RESULTS.md, "Attention
-kernels"). The FLASH path is experimental: xflex's GPU tests of it
-(tests/test_flash_attention.py) have not run yet."""
+Two kernels: FlexAttention's Triton template (everywhere) and its FLASH
+backend (FlashAttention-4's CuTeDSL kernels: Hopper and newer, with the
+optional ``flash-attn-4`` package). On the H200 a computed block costs
+0.90-1.08x of cuDNN's dense time per block with FLASH and 0.57-0.73x with
+Triton (bench/RESULTS.md, "Attention kernels"), so ``"auto"`` takes FLASH
+wherever it can run the call and Triton elsewhere."""
 
 from __future__ import annotations
 
@@ -20,13 +20,16 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..torch_internals import eager_dispatch_state, recompile_limits
 from .masks import ScoreMod
 
-__all__ = ["ATTENTION_KERNELS", "AttentionKernel", "attention_kernel", "flash_unsupported_reason", "run_flex_attention"]
+__all__ = ["ATTENTION_KERNELS", "AttentionKernel", "KernelName", "attention_kernel", "flash_unsupported_reason", "run_flex_attention"]
 
-AttentionKernel = Literal["triton", "flash"]
-"""``"triton"``: FlexAttention's Triton kernel. ``"flash"``: its FLASH
-backend (an error where it cannot run)."""
+KernelName = Literal["triton", "flash"]
+"""A kernel that runs: FlexAttention's Triton kernel or its FLASH backend."""
+AttentionKernel = Literal["auto", "triton", "flash"]
+"""``"auto"``: FLASH where it can run the call (``flash_unsupported_reason``
+is None), else Triton. ``"triton"``: always Triton. ``"flash"``: FLASH, an
+error where it cannot run."""
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
-# What the FLASH path was tested with (tests/test_flash_attention.py on an H200).
+# What the FLASH path was tested with (tests/test_flash_attention.py, passed on an H200).
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_HEAD_DIMS = (64, 128)
 _FLASH_BLOCK_SIZE = 128  # FlashAttention-4's tile: a BlockMask's blocks must match it
@@ -48,7 +51,8 @@ def _flex_cuda_flash(*args, **kwargs):
 # flex_attention ignores the block structure). CPU Inductor (2.13) emits C++
 # that does not build for flex with dynamic shapes and a captured mask tensor,
 # so the CPU compiles one kernel per shape (attention/cpu_buckets.py bounds
-# them); the FLASH template takes static shapes only. One wrapper function per
+# them); the FLASH template takes static shapes only (each new length compiles
+# once). One wrapper function per
 # entry keeps the compile caches apart.
 _COMPILED_FLEX = {
     ("cpu", "triton"): torch.compile(_flex_cpu, fullgraph=True, dynamic=False),
@@ -91,24 +95,28 @@ def attention_kernel(
     block_size: int,
     captures_tensors: bool,
     needs_grad: bool,
-) -> AttentionKernel:
-    """``kernel``, checked against the call: ``"flash"`` raises a ValueError
-    saying why where it cannot run.
+) -> KernelName:
+    """The kernel that runs this call for the ``attention_kernel`` option
+    ``kernel``: ``"auto"`` resolves to FLASH or Triton, ``"flash"`` raises a
+    ValueError saying why where it cannot run.
 
     Example:
         >>> q = torch.randn(1, 2, 256, 64)
-        >>> attention_kernel("triton", q, value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
+        >>> attention_kernel("auto", q, value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
         'triton'
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, but got {kernel!r}")
+    if kernel == "triton":
+        return kernel
+    reason = flash_unsupported_reason(
+        query, value_head_dim=value_head_dim, block_size=block_size, captures_tensors=captures_tensors, needs_grad=needs_grad
+    )
+    if reason is None:
+        return "flash"
     if kernel == "flash":
-        reason = flash_unsupported_reason(
-            query, value_head_dim=value_head_dim, block_size=block_size, captures_tensors=captures_tensors, needs_grad=needs_grad
-        )
-        if reason is not None:
-            raise ValueError(f"attention_kernel='flash' cannot run this call: {reason}")
-    return kernel
+        raise ValueError(f"attention_kernel='flash' cannot run this call: {reason}")
+    return "triton"
 
 
 def run_flex_attention(
@@ -119,7 +127,7 @@ def run_flex_attention(
     block_mask: BlockMask,
     score_mod: ScoreMod | None = None,
     scale: float | None = None,
-    kernel: AttentionKernel = "triton",
+    kernel: KernelName = "triton",
 ) -> torch.Tensor:
     """Compiled FlexAttention of ``query`` ``(B, Hq, Lq, D)`` against ``key`` /
     ``value`` ``(B, Hkv, Lk, D|Dv)`` over ``block_mask``'s blocks (GQA when the

@@ -81,7 +81,7 @@ def run(
     lengths: Sequence[int],
     *,
     methods: Sequence[str] = ("adaptive",),
-    kernels: Sequence[str] = ("triton",),
+    kernels: Sequence[str] = ("auto",),
     heads: int = 32,
     kv_heads: int = 8,
     head_dim: int = 128,
@@ -112,8 +112,10 @@ def run(
             grad = torch.randn_like(q) if backward else None
             dense = {name: _dense(q, k, v, causal, b) for name, b in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))}
             exact = sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads, config=Config(threshold=1.0, break_even=False))
-            error = (exact.float() - dense["cudnn"]().float()).abs().max().item()
-            if error > 3e-2:
+            reference = dense["cudnn"]().float()
+            error = (exact.float() - reference).abs().max().item()
+            # Two bf16 rounding steps of the largest output (|out| reaches 4-8 at 128K).
+            if error > 2 * 2**-7 * max(1.0, reference.abs().max().item()):
                 raise AssertionError(f"{family} L={length}: xflex at threshold 1.0 differs from cuDNN by {error:.3g}")
             wrap = (lambda fn: _with_backward(fn, grad)) if backward else (lambda fn: fn)
             dense_ms = {name: _time_ms(wrap(fn), rep_ms) for name, fn in dense.items()}
