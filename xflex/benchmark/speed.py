@@ -158,12 +158,17 @@ HEADER = (
 )
 
 
+def _kilo(length: int) -> str:
+    """Tokens in K as the command line takes them: 32768 -> "32K", 78643 -> "76.8K"."""
+    return f"{length / 1024:.4g}K"
+
+
 def markdown_row(r: SpeedRow) -> str:
     best = min(r.cudnn_ms, r.flash_ms)
     density = f"{r.density:.3f}" if r.density is not None else f"dense ({r.dense_reason})"
     efficiency = "-" if r.block_efficiency is None else f"{r.block_efficiency:.2f}"
     return (
-        f"| {r.family} | {r.length // 1024 if r.length % 1024 == 0 else r.length / 1024:g}K | {r.method} | {r.kernel} "
+        f"| {r.family} | {_kilo(r.length)} | {r.method} | {r.kernel} "
         f"| {r.cudnn_ms:.2f} | {r.flash_ms:.2f} | {r.xflex_ms:.2f} | {r.speedup:.2f}x | {density} "
         f"| {r.plan_ms:.2f} ({100 * r.plan_ms / best:.1f}%) | {efficiency} |"
     )
@@ -187,7 +192,9 @@ def plot(rows: Sequence[SpeedRow], path) -> None:
         axis.plot([r.length for r in group], [r.speedup for r in group], marker="o", label=" ".join(key))
     axis.axhline(1.0, color="gray", linewidth=0.8)
     axis.set(xscale="log", xlabel="tokens", ylabel="speed-up vs best dense SDPA", title=f"xflex on {torch.cuda.get_device_name()}")
-    axis.set_xticks(sorted({r.length for r in rows}), [f"{r // 1024}K" for r in sorted({r.length for r in rows})])
+    lengths = sorted({r.length for r in rows})
+    axis.set_xticks(lengths, [_kilo(length) for length in lengths])
+    axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     fig.tight_layout()
