@@ -102,9 +102,9 @@ def ulysses_attention(
     repeat = world // math.gcd(key.shape[1], world)
     if repeat > 1:
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
-    q_heads = _SeqToHeads.apply(query, q_lengths, group)
-    k_heads = _SeqToHeads.apply(key, kv_lengths, group)
-    v_heads = _SeqToHeads.apply(value, kv_lengths, group)
+    q_heads = _AllToAll.apply(query, q_lengths, group, True)
+    k_heads = _AllToAll.apply(key, kv_lengths, group, True)
+    v_heads = _AllToAll.apply(value, kv_lengths, group, True)
     if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] == query.shape[1]:
         attn_mask = attn_mask[..., heads, :, :]
 
@@ -119,7 +119,7 @@ def ulysses_attention(
         out = sparse_sdpa(
             q_heads, k_heads, v_heads, attn_mask, 0.0, is_causal, scale, enable_gqa, config=config, name=name
         )
-    return _HeadsToSeq.apply(out, q_lengths, group)
+    return _AllToAll.apply(out, q_lengths, group, False)
 
 
 class BlockTotals(NamedTuple):
@@ -294,27 +294,16 @@ def _heads_to_seq(x: torch.Tensor, lengths: list[int], group: dist.ProcessGroup 
     return received.view(world, B, H_rank, lengths[rank], D).transpose(0, 1).reshape(B, world * H_rank, lengths[rank], D)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """:func:`_seq_to_heads`, whose gradient is :func:`_heads_to_seq` of the output's."""
+class _AllToAll(torch.autograd.Function):
+    """:func:`_seq_to_heads` (``to_heads``) or :func:`_heads_to_seq`; the
+    gradient of each is the other applied to the output's gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lengths: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.lengths, ctx.group = lengths, group
-        return _seq_to_heads(x, lengths, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _heads_to_seq(grad.contiguous(), ctx.lengths, ctx.group), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """:func:`_heads_to_seq`, whose gradient is :func:`_seq_to_heads` of the output's."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, lengths: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.lengths, ctx.group = lengths, group
-        return _heads_to_seq(x, lengths, group)
+    def forward(ctx, x: torch.Tensor, lengths: list[int], group: dist.ProcessGroup | None, to_heads: bool) -> torch.Tensor:
+        ctx.lengths, ctx.group, ctx.to_heads = lengths, group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, lengths, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _seq_to_heads(grad.contiguous(), ctx.lengths, ctx.group), None, None
+        inverse = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return inverse(grad.contiguous(), ctx.lengths, ctx.group), None, None, None

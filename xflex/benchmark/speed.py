@@ -9,7 +9,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import attention_kernel
 from ..config import Config
@@ -17,6 +16,7 @@ from ..context import sparsity
 from ..op import sparse_sdpa
 from ..planning import plan
 from .inputs import FAMILIES, make_inputs
+from .timing import dense_sdpa, time_ms
 
 __all__ = ["HEADER", "LENGTHS", "SpeedRow", "describe_gpu", "markdown_row", "markdown_table", "parse_length", "plot", "run"]
 
@@ -53,22 +53,6 @@ class SpeedRow:
         return min(self.cudnn_ms, self.flash_ms) * self.density / attend_ms
 
 
-def _time_ms(fn: Callable[[], object], rep_ms: int) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
-
-
-def _dense(q, k, v, causal: bool, backend) -> Callable[[], torch.Tensor]:
-    from torch.nn.attention import sdpa_kernel
-
-    def run() -> torch.Tensor:
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
-
-    return run
-
-
 def _with_backward(forward: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         forward().backward(grad)
@@ -80,7 +64,7 @@ def run(
     families: Sequence[str],
     lengths: Sequence[int],
     *,
-    methods: Sequence[str] = ("adaptive",),
+    methods: Sequence[str] = ("antidiagonal",),
     kernels: Sequence[str] = ("auto",),
     heads: int = 32,
     kv_heads: int = 8,
@@ -97,11 +81,12 @@ def run(
     the op must equal cuDNN SDPA to bf16 tolerance.
 
     Example:
-        >>> rows = run(["llm"], [32768], methods=["adaptive", "antidiagonal"])   # doctest: +SKIP
+        >>> rows = run(["llm"], [32768], methods=["antidiagonal", "adaptive"])   # doctest: +SKIP
         >>> print(markdown_table(rows))                                         # doctest: +SKIP
     """
     from torch.nn.attention import SDPBackend
 
+    budget = dict(warmup=max(10, rep_ms // 4), rep=rep_ms)  # do_bench milliseconds
     rows = []
     for family in families:
         causal = FAMILIES[family].causal
@@ -110,7 +95,10 @@ def run(
             if backward:
                 q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
             grad = torch.randn_like(q) if backward else None
-            dense = {name: _dense(q, k, v, causal, b) for name, b in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))}
+            dense = {
+                name: dense_sdpa(q, k, v, backend, causal=causal)
+                for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
+            }
             exact = sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads, config=Config(threshold=1.0, break_even=False))
             reference = dense["cudnn"]().float()
             error = (exact.float() - reference).abs().max().item()
@@ -118,7 +106,7 @@ def run(
             if error > 2 * 2**-7 * max(1.0, reference.abs().max().item()):
                 raise AssertionError(f"{family} L={length}: xflex at threshold 1.0 differs from cuDNN by {error:.3g}")
             wrap = (lambda fn: _with_backward(fn, grad)) if backward else (lambda fn: fn)
-            dense_ms = {name: _time_ms(wrap(fn), rep_ms) for name, fn in dense.items()}
+            dense_ms = {name: time_ms(wrap(fn), **budget) for name, fn in dense.items()}
             for method in methods:
                 for kernel in kernels:
                     config = Config(method=method, threshold=threshold, stride=stride, attention_kernel=kernel)
@@ -139,8 +127,8 @@ def run(
                         kernel=chosen if record.sparse else "-",
                         cudnn_ms=dense_ms["cudnn"],
                         flash_ms=dense_ms["flash"],
-                        xflex_ms=_time_ms(wrap(sparse), rep_ms),
-                        plan_ms=_time_ms(lambda: plan(q.detach(), k.detach(), is_causal=causal, config=config).blocks, rep_ms),
+                        xflex_ms=time_ms(wrap(sparse), **budget),
+                        plan_ms=time_ms(lambda: plan(q.detach(), k.detach(), is_causal=causal, config=config).blocks, **budget),
                         density=stats.density,
                         dense_reason=record.dense_reason,
                         backward=backward,
