@@ -155,7 +155,7 @@ def test_auto_attention_kernel_takes_flash_only_where_it_can_run(monkeypatch):
     from xflex.attention import flex
 
     q = torch.randn(1, 2, 256, 64)
-    kwargs = dict(value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
+    kwargs = dict(key_length=256, value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
     assert flex.attention_kernel("auto", q, **kwargs) == "triton"  # CPU: no FLASH
     with pytest.raises(ValueError, match="attention_kernel='flash' cannot run this call: it needs a Hopper"):
         flex.attention_kernel("flash", q, **kwargs)

@@ -19,6 +19,7 @@ _REASON = (
     if not _CUDA
     else flash_unsupported_reason(
         torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16),
+        key_length=1,
         value_head_dim=128,
         block_size=128,
         captures_tensors=False,
@@ -68,3 +69,15 @@ def test_flash_refuses_what_it_cannot_run():
         xflex.plan(q, q, mask, config=config)  # the mask is a captured tensor
     with pytest.raises(ValueError, match="attention_kernel='flash' cannot run"):
         xflex.plan(q.float(), q.float(), is_causal=True, config=config)
+
+
+def test_auto_keeps_triton_outside_what_flash_was_tested_with():
+    """Batch > 1 and query length != key length were not checked against the
+    reference with FLASH: ``"auto"`` runs them on Triton."""
+    config = xflex.Config(min_seq_len=0, break_even=False)
+    batched = torch.randn(2, 2, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    assert xflex.plan(batched, batched, is_causal=True, config=config).kernel == "triton"
+    q = torch.randn(1, 2, 512, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    assert xflex.plan(q, k, config=config).kernel == "triton"
+    assert xflex.plan(k, k, is_causal=True, config=config).kernel == "flash"

@@ -346,6 +346,7 @@ def plan(
     kernel = attention_kernel(
         config.attention_kernel,
         query,
+        key_length=key.shape[2],
         value_head_dim=query.shape[-1] if value_head_dim is None else value_head_dim,
         block_size=config.block_size,
         captures_tensors=pattern.captures_tensors,

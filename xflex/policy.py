@@ -86,6 +86,7 @@ def dense_reason(args: SdpaArgs, config: Config, needs_grad: bool) -> str | None
         kernel = attention_kernel(
             config.attention_kernel,
             query,
+            key_length=key.shape[2],
             value_head_dim=args.value.shape[-1],
             block_size=config.block_size,
             captures_tensors=args.attn_mask is not None,

@@ -67,9 +67,10 @@ def _flash_installed() -> bool:
 
 
 def flash_unsupported_reason(
-    query: torch.Tensor, *, value_head_dim: int, block_size: int, captures_tensors: bool, needs_grad: bool
+    query: torch.Tensor, *, key_length: int, value_head_dim: int, block_size: int, captures_tensors: bool, needs_grad: bool
 ) -> str | None:
-    """Why the FLASH kernel cannot run this call (None: it can)."""
+    """Why the FLASH kernel cannot run this call (None: it can). Calls outside
+    what tests/test_flash_attention.py checked on the GPU count as unsupported."""
     if not query.is_cuda or torch.cuda.get_device_capability(query.device)[0] < 9:
         return "it needs a Hopper or newer GPU"
     if not _flash_installed():
@@ -80,6 +81,10 @@ def flash_unsupported_reason(
         return f"it was tested with head dims {_FLASH_HEAD_DIMS} (q and v alike), not {query.shape[-1]} / {value_head_dim}"
     if block_size != _FLASH_BLOCK_SIZE:
         return f"its tile needs block_size={_FLASH_BLOCK_SIZE}, not {block_size}"
+    if query.shape[0] != 1:
+        return f"it was tested with batch 1, not {query.shape[0]}"
+    if query.shape[2] != key_length:
+        return f"it was tested with equal query and key lengths, not {query.shape[2]} / {key_length}"
     if captures_tensors:
         return "masks that read tensors (attn_mask lookups, biases) are not supported"
     if needs_grad:
@@ -91,6 +96,7 @@ def attention_kernel(
     kernel: AttentionKernel,
     query: torch.Tensor,
     *,
+    key_length: int,
     value_head_dim: int,
     block_size: int,
     captures_tensors: bool,
@@ -102,7 +108,7 @@ def attention_kernel(
 
     Example:
         >>> q = torch.randn(1, 2, 256, 64)
-        >>> attention_kernel("auto", q, value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
+        >>> attention_kernel("auto", q, key_length=256, value_head_dim=64, block_size=128, captures_tensors=False, needs_grad=False)
         'triton'
     """
     if kernel not in ATTENTION_KERNELS:
@@ -110,7 +116,12 @@ def attention_kernel(
     if kernel == "triton":
         return kernel
     reason = flash_unsupported_reason(
-        query, value_head_dim=value_head_dim, block_size=block_size, captures_tensors=captures_tensors, needs_grad=needs_grad
+        query,
+        key_length=key_length,
+        value_head_dim=value_head_dim,
+        block_size=block_size,
+        captures_tensors=captures_tensors,
+        needs_grad=needs_grad,
     )
     if reason is None:
         return "flash"

@@ -118,7 +118,8 @@ def run(
                         sparse()
                     record = stats.records[-1]
                     chosen = attention_kernel(
-                        kernel, q, value_head_dim=head_dim, block_size=config.block_size, captures_tensors=False, needs_grad=backward
+                        kernel, q, key_length=length, value_head_dim=head_dim, block_size=config.block_size,
+                        captures_tensors=False, needs_grad=backward,
                     )
                     row = SpeedRow(
                         family=family,
