@@ -71,18 +71,18 @@ def measure(args, length: int, gpus: int, rank: int, device: torch.device) -> st
     gqa = args.heads != args.kv_heads
     config = xflex.Config(threshold=args.threshold, stride=args.stride)
 
-    def sparse():
+    def attend():  # dense or sparse, as the active xflex.sparsity() says
         return ulysses_attention(*local, is_causal=causal, enable_gqa=gqa, group=group, config=config)
 
     with xflex.sparsity(enabled=False):
-        dense_ms = time_per_call_ms(sparse, device, group, args.reps)
+        dense_ms = time_per_call_ms(attend, device, group, args.reps)
     dense_peak = _peak_gib(device, group)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with xflex.sparsity() as stats:
-        out = sparse()
+        out = attend()
     density = all_reduce_stats(stats, group).density
-    sparse_ms = time_per_call_ms(sparse, device, group, args.reps)
+    sparse_ms = time_per_call_ms(attend, device, group, args.reps)
     sparse_peak = _peak_gib(device, group)
     error = float("nan")
     if args.check:

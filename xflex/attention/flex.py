@@ -52,8 +52,7 @@ def _flex_cuda_flash(*args, **kwargs):
 # that does not build for flex with dynamic shapes and a captured mask tensor,
 # so the CPU compiles one kernel per shape (attention/cpu_buckets.py bounds
 # them); the FLASH template takes static shapes only (each new length compiles
-# once). One wrapper function per
-# entry keeps the compile caches apart.
+# once). One wrapper function per entry keeps the compile caches apart.
 _COMPILED_FLEX = {
     ("cpu", "triton"): torch.compile(_flex_cpu, fullgraph=True, dynamic=False),
     ("cuda", "triton"): torch.compile(_flex_cuda, fullgraph=True),
