@@ -135,6 +135,17 @@ def test_mode_reaches_inductor():
         xflex.xattn(gm, [torch.randn(2, 4)], mode="fastest")
 
 
+def test_reduce_overhead_partitions_the_graph_around_the_op():
+    # CUDA graphs run on a GPU (tests/test_robustness.py); here: what Inductor is told.
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    with mock.patch("torch._inductor.compile_fx.compile_fx") as compile_fx:
+        xflex.xattn(gm, [torch.randn(2, 4)], mode="reduce-overhead")
+    patches = compile_fx.call_args.kwargs["config_patches"]
+    assert patches["triton.cudagraphs"] is True and patches["graph_partition"] is True
+    for op in (torch.ops.xflex.sparse_sdpa.default, torch.ops.xflex.sparse_sdpa_backward.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+
+
 @pytest.mark.slow
 def test_backend_works_in_a_process_that_never_imports_xflex(tmp_path):
     script = textwrap.dedent(

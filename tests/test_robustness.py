@@ -2,6 +2,8 @@
 gradients and dropout, random settings through the compiled path."""
 
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,3 +209,42 @@ def test_gpu_gradients_through_the_sparse_path(threshold):
         expected = torch.autograd.grad(ref, (q, k, v), grad.double())
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need CUDA")
+@torch.no_grad()
+def test_reduce_overhead_graphs_the_model_and_the_op_still_follows_the_settings():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTransformer().cuda().eval()
+    x = torch.randn(2, 300, 64, device="cuda")
+    padding = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    expected = model(x, padding)
+    options = {"block_size": 64, "min_seq_len": 64, "dense_row_blocks": 0, "break_even": False}
+    compiled = torch.compile(model, backend="xattn", mode="reduce-overhead", options=options)
+    replay = torch.cuda.CUDAGraph.replay
+    with mock.patch.object(torch.cuda.CUDAGraph, "replay", autospec=True, side_effect=replay) as replays:
+        for _ in range(3):  # cudagraph trees warm up, record, then replay
+            with xflex.sparsity(threshold=1.0) as stats:
+                full = compiled(x, padding).clone()
+            assert len(stats.sparse_calls) == 3
+            torch.testing.assert_close(full, expected, rtol=1e-4, atol=1e-4)
+        with xflex.sparsity(threshold=0.3, stride=16) as stats:
+            sparse = compiled(x, padding).clone()
+        assert stats.density < 1.0 and not torch.allclose(sparse, expected, rtol=1e-3, atol=1e-3)
+        with xflex.sparsity(enabled=False) as stats:
+            off = compiled(x, padding).clone()
+        assert len(stats.dense_calls) == 3
+        torch.testing.assert_close(off, expected, rtol=1e-4, atol=1e-4)
+    assert replays.call_count > 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need CUDA")
+def test_capturing_the_op_in_a_cuda_graph_raises_clearly():
+    q = torch.randn(1, 2, 512, 64, device="cuda")
+    config = xflex.Config(block_size=64, min_seq_len=64, break_even=False)
+    xflex.sparse_sdpa(q, q, q, config=config)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), pytest.raises(RuntimeError, match="reduce-overhead"):
+        xflex.sparse_sdpa(q, q, q, config=config)

@@ -149,7 +149,9 @@ def xattn(
         options: xflex options (see ``xflex.Config``: ``enabled``, ``threshold``,
             ``stride``, ``block_size``, ``min_seq_len``, ``keep_sink``,
             ``keep_recent``, ``backend``) and/or Inductor config names.
-        mode: an Inductor mode ("max-autotune", ...), passed on.
+        mode: an Inductor mode ("max-autotune", ...), passed on. Under
+            "reduce-overhead" CUDA graphs capture everything but the xflex
+            op, which runs between them and so still follows ``sparsity()``.
 
     Returns:
         The Inductor-compiled callable.
@@ -165,4 +167,8 @@ def xattn(
     rewrite_sdpa(gm, _sparse_op_node(config.to_key(), report))
     _last_report[:] = report
     patches = {**(inductor_mode_options(mode) if mode else {}), **inductor_options}
+    if patches.get("triton.cudagraphs"):
+        # The xflex op is tagged cudagraph_unsafe (op.py): partitioning captures
+        # the graph around it instead of skipping CUDA graphs for the whole graph.
+        patches.setdefault("graph_partition", True)
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -49,7 +49,19 @@ _CONTEXT_PARALLEL_ERROR = (
 )
 
 
-@torch.library.custom_op("xflex::sparse_sdpa", mutates_args=())
+# The op decides on the host per call (settings, fallbacks, the density check),
+# so CUDA graphs must not capture it: the tag makes Inductor's graph partition
+# run it between captured graphs under mode="reduce-overhead" (backend.py).
+_NOT_CAPTURABLE = (torch.Tag.cudagraph_unsafe,)
+
+_CAPTURE_ERROR = (
+    "the xflex op cannot run inside CUDA graph capture: it reads the active xflex.sparsity() settings and "
+    "decides dense fallbacks on the host each call, which a replayed graph would freeze. Use "
+    'torch.compile(model, backend="xattn", mode="reduce-overhead"): it captures everything around the op'
+)
+
+
+@torch.library.custom_op("xflex::sparse_sdpa", mutates_args=(), tags=_NOT_CAPTURABLE)
 def _sparse_sdpa_op(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -65,6 +77,8 @@ def _sparse_sdpa_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if sdpa_patched_by_context_parallel():
         raise RuntimeError(_CONTEXT_PARALLEL_ERROR)
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(_CAPTURE_ERROR)
     args = SdpaArgs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     cfg = effective_config(Config.from_key(config))
     reason = dense_reason(args, cfg, needs_grad)
@@ -120,7 +134,7 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, cal
     return out, num, idx, num.new_empty(shape[:3]), idx.new_empty(shape)
 
 
-@torch.library.custom_op("xflex::sparse_sdpa_backward", mutates_args=())
+@torch.library.custom_op("xflex::sparse_sdpa_backward", mutates_args=(), tags=_NOT_CAPTURABLE)
 def _sparse_sdpa_backward_op(
     grad_out: torch.Tensor,
     query: torch.Tensor,

@@ -102,9 +102,9 @@ def dense_reason(args: SdpaArgs, config: Config, needs_grad: bool) -> str | None
 def dense_selection_reason(plan: Plan, config: Config, device: torch.device) -> str | None:
     """Why this call's selection is better run dense (denser than the GPU's
     break-even density), or None. Reads the density back from the GPU (one
-    synchronisation); skipped while a CUDA graph is being captured."""
+    synchronisation)."""
     limits = break_even(device, plan.kernel) if config.break_even else None
-    if limits is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if limits is None:
         return None
     density = plan.density()
     if density > limits.max_density:
