@@ -15,7 +15,7 @@ from reference import attention_ref, blocks_to_elements, causal_visible
 import xflex
 from xflex.attention import call_pattern, exact_block_mass, oracle_block_counts, sampled_block_mass, select_blocks
 from xflex.attention.selection.probes import cheapest_reaching, probe_query_blocks, threshold_rule_on_probes
-from xflex.planning import call_scores
+from xflex.planning import call_scores, probe_density
 
 THRESHOLDS = torch.tensor([0.3, 0.5, 0.8, 0.9, 0.99, 1.0])
 
@@ -85,6 +85,19 @@ def test_scoring_some_query_blocks_equals_those_rows_of_full_scoring(causal, blo
     pattern = call_pattern(q, k, None, causal, 128)
     full = call_scores(q, k, pattern, config)
     torch.testing.assert_close(call_scores(q, k, pattern, config, q_blocks=blocks), full[:, :, blocks], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("causal, heads, kv_heads, threshold", [(True, 4, 2, 0.5), (False, 4, 4, 0.4), (True, 2, 1, (0.3, 0.9))])
+def test_probe_density_is_the_selection_density_on_the_probe_rows(causal, heads, kv_heads, threshold):
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, heads, 1000, 32, generator=gen), torch.randn(1, kv_heads, 1000, 32, generator=gen)
+    config = xflex.Config(block_size=64, threshold=threshold, probe_blocks=3, dense_row_blocks=0)
+    pattern = call_pattern(q, k, None, causal, 64)
+    full = xflex.plan(q, k, is_causal=causal, config=config)
+    rows = probe_query_blocks(16, 3, causal=causal)
+    want = (full.selected[:, :, rows].sum() / full.visible[:, :, rows].sum()).item()
+    assert probe_density(q, k, pattern, config) == pytest.approx(want, abs=1e-6)
+    assert 0.0 < want < 1.0
 
 
 def test_oracle_takes_one_threshold_per_row():

@@ -1,5 +1,7 @@
 """Bad settings raise errors that name the setting and what it accepts."""
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -128,8 +130,9 @@ def test_bad_mask_and_arguments():
 
 
 def test_break_even_runs_a_call_dense_with_its_reason(monkeypatch):
-    """Where a device's break-even is known, a short call or a dense selection
-    runs SDPA itself (exact), and the stats say why."""
+    """Where a device's break-even is known, a short call, a call whose probe
+    rows forecast a dense selection (before scoring) or a dense selection runs
+    SDPA itself (exact), and the stats say why."""
     from xflex import policy
 
     q = torch.randn(1, 2, 512, 16)
@@ -141,9 +144,13 @@ def test_break_even_runs_a_call_dense_with_its_reason(monkeypatch):
     assert "break-even length 1024" in record.dense_reason
     torch.testing.assert_close(short, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
     monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, ("cpu", "triton"), policy.BreakEven(min_keys=0, max_density=0.5))
-    with xflex.sparsity() as stats:
+    with mock.patch("xflex.op.plan", side_effect=AssertionError("scored")), xflex.sparsity() as stats:
         xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)  # threshold 1.0: density 1.0
-    assert "selection density 1.00 above" in stats.dense_calls[0].dense_reason
+    assert stats.dense_calls[0].dense_reason.startswith("probe rows' selection density 1.00 above")
+    monkeypatch.setattr(policy, "probe_density", lambda *args, **kwargs: 0.0)  # a forecast that misses
+    with xflex.sparsity() as stats:
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)
+    assert stats.dense_calls[0].dense_reason.startswith("selection density 1.00 above")
     with xflex.sparsity(break_even=False) as stats:
         xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)
     assert stats.dense_calls == [] and stats.density == 1.0

@@ -17,7 +17,7 @@ from .calibration import active_calibrations
 from .config import Config
 from .context import effective_config, record_call, recording
 from .planning import plan
-from .policy import dense_reason, dense_selection_reason
+from .policy import dense_forecast_reason, dense_reason, dense_selection_reason
 from .stats import CallRecord
 
 __all__ = ["sparse_sdpa"]
@@ -85,18 +85,22 @@ def _sparse_sdpa_op(
     if reason is None:
         args.validate()
         with eager_dispatch_state():
-            call_plan = plan(
-                query,
-                key,
-                attn_mask,
-                is_causal,
-                scale,
-                config=cfg,
-                call_name=call_name,
-                for_backward=needs_grad,
-                value_head_dim=value.shape[-1],
-            )
-        reason = dense_selection_reason(call_plan, cfg, query.device)
+            pattern = call_pattern(query, key, attn_mask, is_causal, cfg.block_size)
+            reason = dense_forecast_reason(args, pattern, cfg, needs_grad, call_name)
+            if reason is None:
+                call_plan = plan(
+                    query,
+                    key,
+                    attn_mask,
+                    is_causal,
+                    scale,
+                    config=cfg,
+                    call_name=call_name,
+                    for_backward=needs_grad,
+                    value_head_dim=value.shape[-1],
+                    pattern=pattern,
+                )
+                reason = dense_selection_reason(call_plan, cfg, query.device)
     if reason is not None:
         out = args.dense()
         if recording():

@@ -46,6 +46,7 @@ __all__ = [
     "call_text_blocks",
     "plan",
     "probe_calibration",
+    "probe_density",
 ]
 
 
@@ -299,6 +300,40 @@ def probe_calibration(
     return temperature.view(1, -1, 1, 1), thresholds[best // len(temperatures)].view(1, -1, 1, 1)
 
 
+def probe_density(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pattern: CallPattern,
+    config: Config,
+    call_name: str = "",
+    *,
+    scale: float | None = None,
+) -> float:
+    """The density (kept / visible blocks) of the antidiagonal selection on
+    ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`):
+    a forecast of the whole call's density at a few rows' scoring cost.
+
+    Example:
+        >>> q = k = torch.randn(1, 2, 1024, 64)
+        >>> probe_density(q, k, call_pattern(q, k, None, True, 128), Config(threshold=1.0))
+        1.0
+    """
+    n_q = math.ceil(query.shape[2] / config.block_size)
+    probes = probe_query_blocks(n_q, config.probe_blocks, causal=pattern.causal)
+    scores = call_scores(query, key, pattern, config, scale, q_blocks=probes)
+    visible = pattern.visibility.any[:, :, probes].expand_as(scores)
+    forced = call_forced_blocks(pattern, query.shape[2], key.shape[2], config, query.device)[:, :, probes]
+    blocks = select_kv_blocks(
+        scores,
+        visible=visible,
+        fully_visible=None,
+        forced=forced,
+        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
+        backend=config.backend,
+    )
+    return (blocks.selected.sum() / visible.sum().clamp_min(1)).item()
+
+
 def plan(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -310,6 +345,7 @@ def plan(
     call_name: str = "",
     for_backward: bool = False,
     value_head_dim: int | None = None,
+    pattern: CallPattern | None = None,
 ) -> Plan:
     """Score, select and build the BlockMask for one attention call, as the
     xflex op does when the call runs sparse (``config`` as given: active
@@ -323,6 +359,7 @@ def plan(
         for_backward: also build the BlockMask's q-major indices (for gradients).
         value_head_dim: the value's head dim when it differs from the query's
             (the FLASH kernel needs them equal).
+        pattern: the call's :func:`call_pattern`, when the caller has it already.
 
     Returns:
         :class:`Plan`; ``plan.attend(q, k, v)`` runs the attention.
@@ -334,7 +371,8 @@ def plan(
         (torch.Size([1, 4, 32, 32]), torch.Size([1, 4, 4096, 64]))
     """
     config = Config() if config is None else config
-    pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
+    if pattern is None:
+        pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
     threshold = config.threshold_tensor(query.shape[1], query.device, call_name)
     scoring_query = query
     if config.method == "adaptive" and config.threshold_for(call_name) != 1.0:

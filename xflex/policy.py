@@ -8,11 +8,19 @@ import dataclasses
 
 import torch
 
-from .attention import SdpaArgs, attention_kernel
+from .attention import CallPattern, KernelName, SdpaArgs, attention_kernel
 from .config import Config
-from .planning import Plan
+from .planning import Plan, probe_density
 
-__all__ = ["BreakEven", "MEASURED_BREAK_EVEN", "break_even", "dense_reason", "dense_selection_reason", "device_kind"]
+__all__ = [
+    "BreakEven",
+    "MEASURED_BREAK_EVEN",
+    "break_even",
+    "dense_forecast_reason",
+    "dense_reason",
+    "dense_selection_reason",
+    "device_kind",
+]
 
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -40,7 +48,9 @@ class BreakEven:
 # FLASH: about 1 (the whole op ran 0.99-1.12x of dense at densities 0.91-0.98
 # from 32K keys), so no density fallback. At 8K keys the op ran at 0.71-1.01x
 # of dense on LLM-like input and 2.3-3.3x at 32K: calls below 16K keys run
-# dense. GPU kinds not listed: only min_seq_len decides.
+# dense. GPU kinds not listed: only min_seq_len decides. Before scoring, the
+# selection's density on a few probe rows forecasts selections that would
+# fall back anyway, so that they skip the scoring (dense_forecast_reason).
 MEASURED_BREAK_EVEN: dict[tuple[str, str], BreakEven] = {
     ("NVIDIA H200", "triton"): BreakEven(min_keys=16384, max_density=0.6),
     ("NVIDIA H200", "flash"): BreakEven(min_keys=16384, max_density=1.0),
@@ -84,18 +94,44 @@ def dense_reason(args: SdpaArgs, config: Config, needs_grad: bool) -> str | None
     if key.shape[2] < config.min_seq_len:
         return f"key length {key.shape[2]} below min_seq_len={config.min_seq_len}"
     if config.break_even and MEASURED_BREAK_EVEN:
-        kernel = attention_kernel(
-            config.attention_kernel,
-            query,
-            key_length=key.shape[2],
-            value_head_dim=args.value.shape[-1],
-            block_size=config.block_size,
-            captures_tensors=args.attn_mask is not None,
-            needs_grad=needs_grad,
-        )
+        kernel = _call_kernel(args, config, needs_grad)
         limits = break_even(query.device, kernel)
         if limits is not None and key.shape[2] < limits.min_keys:
             return f"key length {key.shape[2]} below this device's break-even length {limits.min_keys} ({kernel} kernel)"
+    return None
+
+
+def _call_kernel(args: SdpaArgs, config: Config, needs_grad: bool) -> KernelName:
+    return attention_kernel(
+        config.attention_kernel,
+        args.query,
+        key_length=args.key.shape[2],
+        value_head_dim=args.value.shape[-1],
+        block_size=config.block_size,
+        captures_tensors=args.attn_mask is not None,
+        needs_grad=needs_grad,
+    )
+
+
+def dense_forecast_reason(args: SdpaArgs, pattern: CallPattern, config: Config, needs_grad: bool, call_name: str = "") -> str | None:
+    """Why this call should run dense before it is scored: its selection on
+    ``config.probe_blocks`` probe query blocks is denser than the break-even
+    density (None: score it). A forecast on a few rows (one host
+    synchronisation); :func:`dense_selection_reason` still checks the whole
+    selection. Only for the antidiagonal method, whose rule the probes replay.
+
+    Example:
+        >>> from xflex.attention import call_pattern
+        >>> q = torch.randn(1, 2, 512, 64)
+        >>> dense_forecast_reason(SdpaArgs(q, q, q), call_pattern(q, q, None, False, 128), Config(), False) is None
+        True
+    """
+    limits = break_even(args.query.device, _call_kernel(args, config, needs_grad)) if config.break_even else None
+    if limits is None or limits.max_density >= 1.0 or config.method != "antidiagonal":
+        return None
+    density = probe_density(args.query, args.key, pattern, config, call_name, scale=args.scale)
+    if density > limits.max_density:
+        return f"probe rows' selection density {density:.2f} above this device's break-even {limits.max_density:.2f}"
     return None
 
 
