@@ -87,6 +87,19 @@ def test_scoring_some_query_blocks_equals_those_rows_of_full_scoring(causal, blo
     torch.testing.assert_close(call_scores(q, k, pattern, config, q_blocks=blocks), full[:, :, blocks], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))])
+@pytest.mark.parametrize("mask, blocks", [("causal", [5, 6, 7]), ("causal", None), ("none", [1, 4]), ("per_head", [0, 3])])
+def test_scoring_at_several_temperatures_at_once_equals_scoring_each(mask, blocks, device):
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 1000, 32, generator=gen).to(device), torch.randn(2, 2, 1000, 32, generator=gen).to(device)
+    attn_mask = (torch.rand(1, 4, 1000, 1000, generator=gen) > 0.3).to(device) if mask == "per_head" else None
+    pattern = call_pattern(q, k, attn_mask, mask == "causal", 128)
+    config = xflex.Config(block_size=128)
+    got = call_scores(q, k, pattern, config, 0.2, q_blocks=blocks, temperatures=(1.0, 2.0, 4.0))
+    want = torch.stack([call_scores(q * t, k, pattern, config, 0.2, q_blocks=blocks) for t in (1.0, 2.0, 4.0)])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("causal, heads, kv_heads, threshold", [(True, 4, 2, 0.5), (False, 4, 4, 0.4), (True, 2, 1, (0.3, 0.9))])
 def test_probe_density_is_the_selection_density_on_the_probe_rows(causal, heads, kv_heads, threshold):
     gen = torch.Generator().manual_seed(2)

@@ -15,6 +15,7 @@ import torch
 from typing import Literal, get_args
 
 from .attention.backends import BACKENDS, Backend
+from .attention.constants import device_constant
 from .attention.flex import ATTENTION_KERNELS, AttentionKernel
 
 __all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "Threshold"]
@@ -162,7 +163,7 @@ class Config:
                 f"threshold of call {call_name!r} has one value per query head, but got {len(values)} values "
                 f"for {num_heads} heads"
             )
-        return _threshold_tensor(values, torch.device(device))
+        return device_constant(tuple(values), torch.device(device)).view(1, len(values), 1, 1)
 
 
 def _first_match(pairs: tuple[tuple[str, object], ...], call_name: str, default: object):
@@ -171,12 +172,6 @@ def _first_match(pairs: tuple[tuple[str, object], ...], call_name: str, default:
         if fnmatch.fnmatchcase(call_name, pattern):
             return value
     return default
-
-
-@lru_cache(maxsize=64)
-def _threshold_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    # Cached (callers only read it): a host-to-GPU copy waits for the GPU's queued work.
-    return torch.tensor(values, dtype=torch.float32, device=device).view(1, len(values), 1, 1)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

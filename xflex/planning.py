@@ -28,6 +28,7 @@ from .attention import (
     select_kv_blocks,
     text_token_blocks,
 )
+from .attention.constants import device_constant
 from .attention.masks import visible_everywhere
 from .attention.selection.probes import (
     PROBE_TEMPERATURES,
@@ -135,6 +136,7 @@ def call_scores(
     scale: float | None = None,
     *,
     q_blocks: Sequence[int] | None = None,
+    temperatures: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Stage 1 for one call: antidiagonal block scores under its mask.
 
@@ -144,6 +146,13 @@ def call_scores(
         config: stride, block size and backend.
         scale: the scorer's softmax scale (None: ``1/sqrt(E)``).
         q_blocks: score only these query blocks.
+        temperatures: score at each of these multiples of ``scale`` in one
+            launch (the scored rows' queries scaled, as extra heads of their
+            GQA group); the result gains a leading temperature dim.
+
+    Returns:
+        ``(B, Hq, nQ, nK)`` fp32 (``nQ``: ``len(q_blocks)`` when given), or
+        ``(T, B, Hq, nQ, nK)`` with ``temperatures``.
 
     Example:
         >>> pattern = call_pattern(q, k, None, True, config.block_size)   # doctest: +SKIP
@@ -155,23 +164,35 @@ def call_scores(
     if pattern.causal_offset is None and (pattern.mask_mod is not None or pattern.score_mod is not None):
         block_visible = pattern.visibility.any
     causal_offset = pattern.causal_offset
-    score = functools.partial(
-        score_blocks, key=key, stride=config.stride, block_size=config.block_size, scale=scale, backend=config.backend
-    )
-    if q_blocks is None:
-        return score(query, causal_offset=causal_offset, block_visible=block_visible)
     bs = config.block_size
-    if causal_offset is None:
-        rows = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
-        return score(rows, causal_offset=None, block_visible=None if block_visible is None else block_visible[:, :, list(q_blocks)])
+    if q_blocks is not None and causal_offset is None:
+        query = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
+        block_visible = None if block_visible is None else block_visible[:, :, list(q_blocks)]
+    n_t = 1 if temperatures is None else len(temperatures)
+    if n_t > 1 and block_visible is not None and block_visible.shape[1] > 1:
+        block_visible = block_visible.repeat_interleave(n_t, dim=1)
+
+    def score(rows: torch.Tensor, offset: int | None) -> torch.Tensor:
+        if temperatures is not None:
+            # Head-major (h, t) order keeps every copy of head h in its kv head's group.
+            rows = torch.stack([rows * t for t in temperatures], 2).flatten(1, 2)
+        scores = score_blocks(
+            rows, key, stride=config.stride, block_size=bs, scale=scale, causal_offset=offset,
+            block_visible=block_visible, backend=config.backend,
+        )  # fmt: skip
+        if temperatures is None:
+            return scores
+        return scores.unflatten(1, (-1, n_t)).movedim(2, 0)
+
+    if q_blocks is None or causal_offset is None:
+        return score(query, causal_offset)
     # Causal rows: one scorer call per run of consecutive blocks, each with its own alignment.
     runs, start = [], 0
     for i in range(1, len(q_blocks) + 1):
         if i == len(q_blocks) or q_blocks[i] != q_blocks[i - 1] + 1:
             runs.append((q_blocks[start], q_blocks[i - 1] + 1))
             start = i
-    parts = [score(query[:, :, first * bs : last * bs], causal_offset=causal_offset + first * bs, block_visible=None) for first, last in runs]
-    return torch.cat(parts, 2)
+    return torch.cat([score(query[:, :, first * bs : last * bs], causal_offset + first * bs) for first, last in runs], -2)
 
 
 def call_forced_blocks(pattern: CallPattern, q_len: int, kv_len: int, config: Config, device: torch.device) -> torch.Tensor:
@@ -286,17 +307,15 @@ def probe_calibration(
     mass = exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     temperatures = [t for t in PROBE_TEMPERATURES if t <= config.stride]
-    scores = torch.stack(
-        [call_scores(query, key, pattern, config, softmax_scale * t, q_blocks=probes) for t in temperatures]
-    )
+    scores = call_scores(query, key, pattern, config, softmax_scale, q_blocks=probes, temperatures=temperatures)
     visible = pattern.visibility.any[:, :, probes]
     forced = call_forced_blocks(pattern, query.shape[2], key.shape[2], config, query.device)[:, :, probes]
-    thresholds = torch.tensor(PROBE_THRESHOLDS, device=query.device)
+    thresholds = device_constant(PROBE_THRESHOLDS, query.device)
     recall, kept = threshold_rule_on_probes(scores, mass, visible=visible, forced=forced, thresholds=thresholds)
     # (thresholds, temperatures, B, H, P) -> per head, over batch and probe rows
     cost = kept / visible.expand_as(mass).sum(-1).clamp_min(1)
     best = cheapest_reaching(recall.mean((2, 4)).flatten(0, 1), cost.mean((2, 4)).flatten(0, 1), target.view(-1))
-    temperature = torch.tensor(temperatures, device=query.device)[best % len(temperatures)]
+    temperature = device_constant(tuple(temperatures), query.device)[best % len(temperatures)]
     return temperature.view(1, -1, 1, 1), thresholds[best // len(temperatures)].view(1, -1, 1, 1)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .constants import device_constant
 from .backends import Backend, uses_triton
 from .scoring import score_blocks
 
@@ -112,9 +113,7 @@ def exact_block_mass(
         rows, key, stride=1, block_size=block_size, scale=scale, causal_offset=start if is_causal else None, backend="triton"
     )
     # Each block's rows sum to its row count (the last may be ragged): the mean row.
-    counts = torch.tensor(
-        [min(block_size, query.shape[2] - b * block_size) for b in blocks], dtype=torch.float32, device=query.device
-    )
+    counts = device_constant(tuple(min(block_size, query.shape[2] - b * block_size) for b in blocks), query.device)
     return sums / counts[:, None]
 
 
