@@ -180,3 +180,12 @@ def test_bench_command_needs_cuda(capsys):
         pytest.skip("checks the message a CPU-only machine prints")
     assert main(["bench", "--lengths", "8K"]) == 1
     assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_block_sizes_cuda_kernels_cannot_tile_are_refused_by_name():
+    from xflex.attention import check_block_size
+
+    check_block_size(torch.device("cpu"), 64)
+    check_block_size(torch.device("cuda"), 256)
+    with pytest.raises(ValueError, match="block_size=64 cannot run on CUDA"):
+        check_block_size(torch.device("cuda"), 64)

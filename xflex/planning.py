@@ -18,6 +18,7 @@ from .attention import (
     KernelName,
     attention_kernel,
     as_kv_blocks,
+    check_block_size,
     build_block_mask,
     bucketed_flex_attention,
     call_pattern,
@@ -390,6 +391,7 @@ def plan(
         (torch.Size([1, 4, 32, 32]), torch.Size([1, 4, 4096, 64]))
     """
     config = Config() if config is None else config
+    check_block_size(query.device, config.block_size)
     if pattern is None:
         pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
     threshold = config.threshold_tensor(query.shape[1], query.device, call_name)

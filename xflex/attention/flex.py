@@ -20,7 +20,15 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..torch_internals import eager_dispatch_state, recompile_limits
 from .masks import ScoreMod
 
-__all__ = ["ATTENTION_KERNELS", "AttentionKernel", "KernelName", "attention_kernel", "flash_unsupported_reason", "run_flex_attention"]
+__all__ = [
+    "ATTENTION_KERNELS",
+    "AttentionKernel",
+    "KernelName",
+    "attention_kernel",
+    "check_block_size",
+    "flash_unsupported_reason",
+    "run_flex_attention",
+]
 
 KernelName = Literal["triton", "flash"]
 """A kernel that runs: FlexAttention's Triton kernel or its FLASH backend."""
@@ -33,6 +41,9 @@ ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_HEAD_DIMS = (64, 128)
 _FLASH_BLOCK_SIZE = 128  # FlashAttention-4's tile: a BlockMask's blocks must match it
+# FlexAttention's CUDA template tiles 128 query rows; on an H200 block_size 64
+# failed inside Inductor ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N").
+_CUDA_BLOCK_MULTIPLE = 128
 
 
 def _flex_cpu(*args, **kwargs):
@@ -58,6 +69,20 @@ _COMPILED_FLEX = {
     ("cuda", "triton"): torch.compile(_flex_cuda, fullgraph=True),
     ("cuda", "flash"): torch.compile(_flex_cuda_flash, fullgraph=True, dynamic=False),
 }
+
+
+def check_block_size(device: torch.device, block_size: int) -> None:
+    """Raise a ValueError naming ``block_size`` where FlexAttention's kernels
+    for ``device`` cannot take it (CUDA: multiples of 128; the CPU takes any).
+
+    Example:
+        >>> check_block_size(torch.device("cpu"), 64)
+    """
+    if device.type == "cuda" and block_size % _CUDA_BLOCK_MULTIPLE:
+        raise ValueError(
+            f"block_size={block_size} cannot run on CUDA: FlexAttention's GPU kernels tile "
+            f"{_CUDA_BLOCK_MULTIPLE} query rows, so block_size must be 128 or 256 there (smaller blocks run on the CPU)"
+        )
 
 
 @functools.cache
