@@ -47,8 +47,9 @@ class Config:
             in every row (``"antidiagonal"``); 1.0 keeps every visible block.
             A sequence gives one value per query head.
         probe_blocks: query blocks per call whose exact attention calibrates
-            the ``"adaptive"`` method (the last ones of a causal call, spread
-            over the sequence otherwise).
+            the ``"adaptive"`` method, and on which the break-even forecast
+            reads the selection's density (the last ones of a causal call,
+            spread over the sequence otherwise).
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
