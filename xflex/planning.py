@@ -277,6 +277,15 @@ def call_selection(
     return as_kv_blocks(blocks.selected | (text & pattern.visibility.any), fully_visible)
 
 
+def _probe_rows(
+    pattern: CallPattern, q_len: int, kv_len: int, config: Config, device: torch.device
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The call's probe query blocks and their rows of the visible and forced blocks."""
+    probes = probe_query_blocks(math.ceil(q_len / config.block_size), config.probe_blocks, causal=pattern.causal)
+    forced = call_forced_blocks(pattern, q_len, kv_len, config, device)[:, :, probes]
+    return probes, pattern.visibility.any[:, :, probes], forced
+
+
 def probe_calibration(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -303,14 +312,11 @@ def probe_calibration(
     Example:
         >>> t, tau = probe_calibration(q, k, None, True, None, pattern, config, target)   # doctest: +SKIP
     """
-    n_q = math.ceil(query.shape[2] / config.block_size)
-    probes = probe_query_blocks(n_q, config.probe_blocks, causal=pattern.causal)
+    probes, visible, forced = _probe_rows(pattern, query.shape[2], key.shape[2], config, query.device)
     mass = exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     temperatures = [t for t in PROBE_TEMPERATURES if t <= config.stride]
     scores = call_scores(query, key, pattern, config, softmax_scale, q_blocks=probes, temperatures=temperatures)
-    visible = pattern.visibility.any[:, :, probes]
-    forced = call_forced_blocks(pattern, query.shape[2], key.shape[2], config, query.device)[:, :, probes]
     thresholds = device_constant(PROBE_THRESHOLDS, query.device)
     recall, kept = threshold_rule_on_probes(scores, mass, visible=visible, forced=forced, thresholds=thresholds)
     # (thresholds, temperatures, B, H, P) -> per head, over batch and probe rows
@@ -338,11 +344,9 @@ def probe_density(
         >>> probe_density(q, k, call_pattern(q, k, None, True, 128), Config(threshold=1.0))
         1.0
     """
-    n_q = math.ceil(query.shape[2] / config.block_size)
-    probes = probe_query_blocks(n_q, config.probe_blocks, causal=pattern.causal)
+    probes, visible, forced = _probe_rows(pattern, query.shape[2], key.shape[2], config, query.device)
     scores = call_scores(query, key, pattern, config, scale, q_blocks=probes)
-    visible = pattern.visibility.any[:, :, probes].expand_as(scores)
-    forced = call_forced_blocks(pattern, query.shape[2], key.shape[2], config, query.device)[:, :, probes]
+    visible = visible.expand_as(scores)
     blocks = select_kv_blocks(
         scores,
         visible=visible,
