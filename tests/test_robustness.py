@@ -191,22 +191,36 @@ def test_attention_dropout_in_training_stays_dense():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="FlexAttention's backward needs CUDA")
 @pytest.mark.parametrize("threshold", [1.0, 0.5])
-def test_gpu_gradients_through_the_sparse_path(threshold):
+@pytest.mark.parametrize("mask_kind", ["causal", "boolean", "bias"])
+def test_gpu_gradients_through_the_sparse_path(threshold, mask_kind):
+    """Gradients of the sparse op equal dense attention's restricted to the
+    selected blocks (float64 reference), with GQA and a ragged end, and the
+    backward runs FlexAttention's backward from the forward's saved
+    log-sum-exp: the forward's kernel runs once."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 700, 64, device="cuda", requires_grad=True) for _ in range(3))
+    L = 700
+    q = torch.randn(2, 4, L, 64, device="cuda", requires_grad=True)
+    k, v = (torch.randn(2, 2, L, 64, device="cuda", requires_grad=True) for _ in range(2))
+    visible = causal_visible(L, L).cuda().expand(2, 4, L, L)
+    attn_mask, bias = None, None
+    if mask_kind == "boolean":
+        visible = visible & (torch.rand(2, 1, L, L, device="cuda") < 0.7) | torch.eye(L, dtype=torch.bool, device="cuda")
+        attn_mask = visible
+    elif mask_kind == "bias":
+        bias = torch.randn(2, 4, L, L, device="cuda").masked_fill(~visible, float("-inf"))
+        attn_mask = bias
     config = xflex.Config(block_size=128, min_seq_len=128, dense_row_blocks=0, threshold=threshold)
-    with xflex.sparsity() as stats:
-        out = xflex.sparse_sdpa(q, k, v, is_causal=True, config=config)
-    assert stats.dense_calls == []
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    if threshold == 1.0:
-        expected = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
-    else:  # gradients of dense attention restricted to the selected blocks
-        selected = xflex.plan(q, k, is_causal=True, config=config).selected
-        visible = (causal_visible(700, 700).cuda() & blocks_to_elements(selected, 700, 700, 128))
-        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible)
-        expected = torch.autograd.grad(ref, (q, k, v), grad.double())
+    call = dict(attn_mask=attn_mask, is_causal=mask_kind == "causal", enable_gqa=True)
+    forward = xflex.planning.run_flex_attention
+    with xflex.sparsity() as stats, mock.patch.object(xflex.planning, "run_flex_attention", wraps=forward) as runs:
+        out = xflex.sparse_sdpa(q, k, v, config=config, **call)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert stats.dense_calls == [] and runs.call_count == 1
+    selected = xflex.plan(q, k, attn_mask, mask_kind == "causal", config=config).selected
+    restricted = visible & blocks_to_elements(selected, L, L, 128)
+    ref = attention_ref(q, k, v, visible=restricted, bias=None if bias is None else bias.masked_fill(~restricted, 0))
+    expected = torch.autograd.grad(ref, (q, k, v), grad.double())
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
 

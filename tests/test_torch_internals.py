@@ -2,10 +2,14 @@
 exists and behaves as xflex uses it: a torch release that removes or changes
 one fails here, by name."""
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from reference import attention_ref, causal_visible
 
 from xflex import torch_internals
 
@@ -78,3 +82,54 @@ def test_context_parallel_is_detected_by_its_sdpa_patch(tmp_path):
         assert not torch_internals.sdpa_patched_by_context_parallel()
     finally:
         dist.destroy_process_group()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 3]),
+    length=st.integers(1, 300),
+    head_dim=st.sampled_from([8, 16]),
+    mask_kind=st.sampled_from(["causal", "boolean", "bias"]),
+)
+def test_flex_backward_graph_from_saved_lse_matches_autograd(batch, kv_heads, group, length, head_dim, mask_kind):
+    """The traced backward HOP, run eagerly (its plain-math implementation, so
+    every block visible), equals autograd through the float64 reference, from
+    the reference's own out and natural-log lse: the HOP's contract as
+    flex_attention_backward_graph assumes it (tests/test_robustness.py runs it
+    compiled, block-sparse, on CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from xflex.attention.masks import Mod, add_bias, causal_mask, lookup_mask
+
+    torch.manual_seed(length)
+    heads = kv_heads * group
+    q = torch.randn(batch, heads, length, head_dim, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    visible = causal_visible(length, length).expand(batch, heads, length, length)
+    mask, score, bias = Mod(causal_mask(0)), None, None
+    if mask_kind == "boolean":
+        visible = (torch.rand(batch, heads, length, length) < 0.6) | torch.eye(length, dtype=torch.bool)
+        mask = Mod(lookup_mask, (visible,))
+    elif mask_kind == "bias":
+        bias = torch.randn(batch, heads, length, length, dtype=torch.float64)
+        score = Mod(add_bias, (bias,))
+    out = attention_ref(q, k, v, visible=visible, bias=bias)
+    logits = (q @ k.repeat_interleave(group, 1).transpose(-1, -2)) / math.sqrt(head_dim)
+    logits = logits + (0 if bias is None else bias)
+    lse = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), -1)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (q, k, v), grad)
+
+    everything = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 0, None, None, length, length, device="cpu")
+    tensors = [t.detach() for t in (q, k, v, out, lse)] + [grad]
+    buffers = dict(mask_buffers=mask.buffers, score_buffers=() if score is None else score.buffers)
+    with torch.no_grad():  # as in the op's backward
+        graph = torch_internals.flex_attention_backward_graph(
+            *tensors, block_mask=everything, mask_fn=mask.fn, score_fn=None if score is None else score.fn,
+            scale=1 / math.sqrt(head_dim), **buffers,
+        )
+    got = graph(*torch_internals.flex_attention_backward_inputs(*tensors, block_mask=everything, **buffers))
+    for name, g, want in zip("qkv", got, expected):
+        torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-9, msg=f"d{name}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .torch_internals import eager_dispatch_state, sdpa_patched_by_context_parallel
-from .attention import SdpaArgs, build_block_mask, call_pattern, run_flex_attention
+from .attention import SdpaArgs, build_block_mask, call_pattern, flex_attention_backward
 from .calibration import active_calibrations
 from .config import Config
 from .context import effective_config, record_call, recording
@@ -33,11 +33,19 @@ def _selection_shape(query: torch.Tensor, key: torch.Tensor, block_size: int, ne
     return (query.shape[0], query.shape[1], nq, nk)
 
 
-def _dense_marker(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A kv layout whose ``kv_num_blocks`` of -1 tells the backward that the forward ran dense."""
+def _lse_shape(query: torch.Tensor, needs_grad: bool) -> tuple[int, ...]:
+    """Shape of the log-sum-exp the op returns for its backward: ``(B, Hq, Lq)``
+    where a backward may need it, else empty."""
+    return tuple(query.shape[:-1]) if needs_grad and query.dim() == 4 else (0, 0, 0)
+
+
+def _dense_marker(shape: tuple[int, ...], lse_shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A log-sum-exp (unused) and a kv layout whose ``kv_num_blocks`` of -1
+    tells the backward that the forward ran dense."""
     num = torch.full(shape[:3], -1, dtype=torch.int32, device=device)
     idx = torch.zeros(shape, dtype=torch.int32, device=device)
-    return num, idx, num.clone(), idx.clone()
+    lse = torch.zeros(lse_shape, dtype=torch.float32, device=device)
+    return lse, num, idx, num.clone(), idx.clone()
 
 
 # Ring attention exchanges keys between ranks inside SDPA; the xflex op would
@@ -74,7 +82,7 @@ def _sparse_sdpa_op(
     call_name: str,
     config: str,
     needs_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if sdpa_patched_by_context_parallel():
         raise RuntimeError(_CONTEXT_PARALLEL_ERROR)
     if query.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -106,10 +114,15 @@ def _sparse_sdpa_op(
         if recording():
             record_call(CallRecord(call_name, tuple(query.shape), tuple(key.shape), dense_reason=reason))
         shape = _selection_shape(query, key, cfg.block_size, needs_grad)
-        return (out.contiguous(), *_dense_marker(shape, query.device))
+        return (out.contiguous(), *_dense_marker(shape, _lse_shape(query, needs_grad), query.device))
 
-    with eager_dispatch_state():
-        out = call_plan.attend(query, key, value)
+    # no_grad: eager_dispatch_state re-enables autograd, and the op's own
+    # backward (below) differentiates from the saved out and lse.
+    with eager_dispatch_state(), torch.no_grad():
+        if needs_grad:
+            out, lse = call_plan.attend(query, key, value, return_lse=True)
+        else:
+            out = call_plan.attend(query, key, value)
         for cal in active_calibrations():
             cal.measure(call_name, args, call_plan, cfg)
     if recording():
@@ -123,19 +136,21 @@ def _sparse_sdpa_op(
             )
         )
     if not needs_grad:
+        lse = torch.zeros((0, 0, 0), dtype=torch.float32, device=query.device)
         num = torch.zeros((0, 0, 0), dtype=torch.int32, device=query.device)
         idx = torch.zeros((0, 0, 0, 0), dtype=torch.int32, device=query.device)
-        return out.contiguous(), num, idx, num.clone(), idx.clone()
-    return (out.contiguous(), *(t.clone() for t in call_plan.blocks.kv_layout))
+        return out.contiguous(), lse, num, idx, num.clone(), idx.clone()
+    return (out.contiguous(), lse.contiguous(), *(t.clone() for t in call_plan.blocks.kv_layout))
 
 
 @_sparse_sdpa_op.register_fake
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, call_name, config, needs_grad):
     shape = _selection_shape(query, key, Config.from_key(config).block_size, needs_grad)
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
+    lse = query.new_empty(_lse_shape(query, needs_grad), dtype=torch.float32)
     num = query.new_empty(shape[:3], dtype=torch.int32)
     idx = query.new_empty(shape, dtype=torch.int32)
-    return out, num, idx, num.new_empty(shape[:3]), idx.new_empty(shape)
+    return out, lse, num, idx, num.new_empty(shape[:3]), idx.new_empty(shape)
 
 
 @torch.library.custom_op("xflex::sparse_sdpa_backward", mutates_args=(), tags=_NOT_CAPTURABLE)
@@ -144,6 +159,8 @@ def _sparse_sdpa_backward_op(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
     attn_mask: torch.Tensor | None,
     kv_num_blocks: torch.Tensor,
     kv_indices: torch.Tensor,
@@ -154,28 +171,30 @@ def _sparse_sdpa_backward_op(
     enable_gqa: bool,
     config: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Recomputes the forward (dense SDPA or FlexAttention on the blocks the
-    # forward selected) under autograd and differentiates it.
-    ran_dense = kv_num_blocks.numel() == 0 or bool(kv_num_blocks.view(-1)[0] < 0)
-    with eager_dispatch_state(), torch.enable_grad():
-        q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
-        if ran_dense:
-            out = SdpaArgs(q, k, v, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa).dense()
-        else:
-            block_size = Config.from_key(config).block_size
-            pattern = call_pattern(q, k, attn_mask, is_causal, block_size)
-            block_mask = build_block_mask(
-                kv_num_blocks,
-                kv_indices,
-                full_kv_num_blocks,
-                full_kv_indices,
-                mask_mod=pattern.mask_mod,
-                block_size=block_size,
-                seq_lengths=(q.shape[2], k.shape[2]),
-                for_backward=True,
-            )
-            out = run_flex_attention(q, k, v, block_mask=block_mask, score_mod=pattern.score_mod, scale=scale)
-        return tuple(g.contiguous() for g in torch.autograd.grad(out, (q, k, v), grad_out))
+    if kv_num_blocks.numel() == 0 or bool(kv_num_blocks.view(-1)[0] < 0):
+        # The forward ran dense SDPA, whose saved state no op output carries:
+        # recompute it under autograd and differentiate it.
+        with eager_dispatch_state(), torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+            dense = SdpaArgs(q, k, v, attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa).dense()
+            return tuple(g.contiguous() for g in torch.autograd.grad(dense, (q, k, v), grad_out))
+    # The sparse forward's own backward: FlexAttention's, from its out and lse.
+    block_size = Config.from_key(config).block_size
+    pattern = call_pattern(query, key, attn_mask, is_causal, block_size)
+    block_mask = build_block_mask(
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        mask_mod=pattern.mask_mod,
+        block_size=block_size,
+        seq_lengths=(query.shape[2], key.shape[2]),
+        for_backward=True,
+    )
+    grads = flex_attention_backward(
+        query, key, value, out, lse, grad_out, block_mask=block_mask, mask=pattern.mask, score=pattern.score, scale=scale
+    )
+    return tuple(g.contiguous() for g in grads)
 
 
 @_sparse_sdpa_backward_op.register_fake
@@ -185,14 +204,16 @@ def _(grad_out, query, key, value, *args):
 
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, attn_mask, _dropout_p, is_causal, scale, enable_gqa, _name, config, _needs_grad = inputs
-    _out, *selection = output
-    ctx.save_for_backward(query, key, value, attn_mask, *selection)
+    out, lse, *selection = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, *selection)
     ctx.call_args = (is_causal, scale, enable_gqa, config)
 
 
 def _backward(ctx, grad_out, *_selection_grads):
-    query, key, value, attn_mask, *selection = ctx.saved_tensors
-    grads = torch.ops.xflex.sparse_sdpa_backward(grad_out, query, key, value, attn_mask, *selection, *ctx.call_args)
+    query, key, value, out, lse, attn_mask, *selection = ctx.saved_tensors
+    grads = torch.ops.xflex.sparse_sdpa_backward(
+        grad_out, query, key, value, out, lse, attn_mask, *selection, *ctx.call_args
+    )
     return (*grads, None, None, None, None, None, None, None, None)
 
 

@@ -102,13 +102,19 @@ class Plan:
         """Computed / visible blocks (one host sync)."""
         return self.selected.sum().item() / max(1, self.visible.sum().item())
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """FlexAttention over the selected blocks, with the call's mask and scale.
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, return_lse: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """FlexAttention over the selected blocks, with the call's mask and
+        scale; with ``return_lse``, ``(out, lse)`` for
+        ``attention.flex_attention_backward`` (CUDA only).
 
         On the CPU the call runs padded to a bucket of lengths
         (``attention.cpu_buckets``), so that serving many lengths compiles a
         bounded number of kernels."""
         if query.device.type == "cpu":
+            if return_lse:
+                raise ValueError("return_lse needs CUDA tensors: FlexAttention has no CPU backward")
             return bucketed_flex_attention(
                 query,
                 key,
@@ -126,6 +132,7 @@ class Plan:
             score_mod=self.pattern.score_mod,
             scale=self.scale,
             kernel=self.kernel,
+            return_lse=return_lse,
         )
 
 

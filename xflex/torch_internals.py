@@ -12,6 +12,7 @@ Imports only torch: the pass, the attention stages and the face all use it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -21,6 +22,8 @@ __all__ = [
     "compile_fx",
     "compile_seconds",
     "eager_dispatch_state",
+    "flex_attention_backward_graph",
+    "flex_attention_backward_inputs",
     "inductor_mode_options",
     "inductor_option_names",
     "mark_dynamic_if_possible",
@@ -93,3 +96,90 @@ def sdpa_patched_by_context_parallel() -> bool:
     sdpa = torch.nn.functional.scaled_dot_product_attention
     module = getattr(sdpa, "__module__", None) or ""
     return sdpa is not SDPA_C_FUNCTION and module.startswith("torch.distributed.tensor.experimental")
+
+
+def flex_attention_backward_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    block_mask: "torch.nn.attention.flex_attention.BlockMask",
+    mask_buffers: tuple[torch.Tensor, ...],
+    score_buffers: tuple[torch.Tensor, ...],
+) -> list[torch.Tensor]:
+    """The inputs of :func:`flex_attention_backward_graph`'s graph for one
+    call, in its order; ``lse`` natural-log as FlexAttention returns it."""
+    layout = [entry for entry in block_mask.as_tuple()[:-1] if isinstance(entry, torch.Tensor)]
+    # The HOP takes base-2 stats (FlexAttention's kernels use exp2). Converted
+    # here, outside the graph: fused into the backward template's lse loads,
+    # torch 2.11 got dq wrong for every batch after the first (H200).
+    lse2 = lse / math.log(2.0)
+    return [query, key, value, out, lse2, grad_out, *layout, *mask_buffers, *score_buffers]
+
+
+def flex_attention_backward_graph(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    block_mask: "torch.nn.attention.flex_attention.BlockMask",
+    mask_fn: Callable[..., torch.Tensor],
+    mask_buffers: tuple[torch.Tensor, ...],
+    score_fn: Callable[..., torch.Tensor] | None,
+    score_buffers: tuple[torch.Tensor, ...],
+    scale: float,
+) -> torch.fx.GraphModule:
+    """FlexAttention's backward (the ``flex_attention_backward`` HOP, which
+    torch's own autograd runs after a compiled ``flex_attention``) traced into
+    an FX graph from the forward's ``out`` and ``lse``: no public API runs it
+    without running the forward again.
+
+    The graph takes :func:`flex_attention_backward_inputs` and returns
+    ``(dq, dk, dv)``; the lengths, block sizes and ``scale`` are baked in, so
+    Inductor compiles it once per shape. ``lse`` is the natural-log
+    log-sum-exp that ``flex_attention(..., return_aux=AuxRequest(lse=True))``
+    returns. ``mask_fn(b, h, q_idx, kv_idx, *mask_buffers)`` replaces the
+    BlockMask's mask_mod and ``score_fn(score, b, h, q_idx, kv_idx,
+    *score_buffers)`` (None: identity) is the score_mod; both read tensors
+    only through their buffers, which stay graph inputs."""
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+    from torch._higher_order_ops.flex_attention import create_fw_bw_graph, flex_attention_backward
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn.attention.flex_attention import _apply_kernel_options, _identity
+
+    layout = block_mask.as_tuple()[:-1]  # its last entry is the mask_mod: mask_fn replaces it
+    slots = [i for i, entry in enumerate(layout) if isinstance(entry, torch.Tensor)]
+    kernel_options = _apply_kernel_options(query, key, value, True, None)
+    # The score_mod's forward and joint graphs, made the way flex_attention's
+    # autograd makes them: with grad enabled, as in a forward (a backward runs
+    # without; the joint graph of `score + bias` then has no score gradient).
+    index = [query.new_zeros((), dtype=torch.int) for _ in range(4)]
+    with TransformGetItemToIndex(), torch.enable_grad():
+        fw_graph, joint_graph = create_fw_bw_graph(
+            score_fn or _identity, (query.new_zeros((), requires_grad=True), *index), score_buffers
+        )
+    n_layout, n_mask = len(slots), len(mask_buffers)
+
+    def backward(q, k, v, o, lse2, d_out, *tensors):
+        entries = list(layout)
+        for slot, tensor in zip(slots, tensors[:n_layout]):
+            entries[slot] = tensor
+        mask_args = tuple(tensors[n_layout : n_layout + n_mask])
+        score_args = tuple(tensors[n_layout + n_mask :])
+        dq, dk, dv, _ = flex_attention_backward(
+            q, k, v, o, lse2, d_out, None, fw_graph, joint_graph, (*entries, mask_fn),
+            scale, kernel_options, score_args, mask_args,
+        )
+        return dq, dk, dv
+
+    inputs = flex_attention_backward_inputs(
+        query, key, value, out, lse, grad_out, block_mask=block_mask, mask_buffers=mask_buffers, score_buffers=score_buffers
+    )
+    with TransformGetItemToIndex():
+        return make_fx(backward, tracing_mode="fake")(*inputs)

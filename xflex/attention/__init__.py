@@ -17,7 +17,15 @@ with kernels has a plain-torch ``reference`` beside them, picked by
 from .backends import BACKENDS, Backend
 from .block_mask import build_block_mask
 from .cpu_buckets import bucket_length, bucketed_flex_attention
-from .flex import ATTENTION_KERNELS, AttentionKernel, KernelName, attention_kernel, check_block_size, run_flex_attention
+from .flex import (
+    ATTENTION_KERNELS,
+    AttentionKernel,
+    KernelName,
+    attention_kernel,
+    check_block_size,
+    flex_attention_backward,
+    run_flex_attention,
+)
 from .masks import BlockVisibility, MaskMod, ScoreMod
 from .oracle import exact_block_mass, oracle_block_counts, sample_query_blocks, sampled_block_mass
 from .pattern import CallPattern, call_pattern
@@ -45,6 +53,7 @@ __all__ = [
     "build_block_mask",
     "call_pattern",
     "exact_block_mass",
+    "flex_attention_backward",
     "forced_blocks",
     "oracle_block_counts",
     "run_flex_attention",

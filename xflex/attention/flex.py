@@ -10,15 +10,24 @@ wherever it can run the call and Triton elsewhere."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
+import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from ..torch_internals import eager_dispatch_state, recompile_limits
-from .masks import ScoreMod
+from ..torch_internals import (
+    compile_fx,
+    eager_dispatch_state,
+    flex_attention_backward_graph,
+    flex_attention_backward_inputs,
+    recompile_limits,
+)
+from .masks import Mod, ScoreMod
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -27,6 +36,7 @@ __all__ = [
     "attention_kernel",
     "check_block_size",
     "flash_unsupported_reason",
+    "flex_attention_backward",
     "run_flex_attention",
 ]
 
@@ -163,10 +173,13 @@ def run_flex_attention(
     score_mod: ScoreMod | None = None,
     scale: float | None = None,
     kernel: KernelName = "triton",
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Compiled FlexAttention of ``query`` ``(B, Hq, Lq, D)`` against ``key`` /
     ``value`` ``(B, Hkv, Lk, D|Dv)`` over ``block_mask``'s blocks (GQA when the
     head counts differ). Callable from eager code and from inside a custom op.
+    With ``return_lse``: ``(out, lse)``, the rows' natural-log log-sum-exp
+    ``(B, Hq, Lq)`` fp32 that :func:`flex_attention_backward` takes.
 
     Example:
         >>> from torch.nn.attention.flex_attention import create_block_mask
@@ -181,7 +194,7 @@ def run_flex_attention(
     # Distinct masks, dtypes and layouts each compile once; the default
     # recompile limit (8) would silently fall back to eager flex.
     with eager_dispatch_state(), recompile_limits(256, 4096):
-        return compiled(
+        result = compiled(
             query,
             key,
             value,
@@ -189,4 +202,97 @@ def run_flex_attention(
             block_mask=block_mask,
             scale=scale,
             enable_gqa=query.shape[1] != key.shape[1],
+            return_aux=AuxRequest(lse=True) if return_lse else None,
         )
+    return (result[0], result[1].lse) if return_lse else result
+
+
+def _mod_key(fn: Callable[..., torch.Tensor]) -> tuple[object, ...]:
+    """What a mask_mod / score_mod computes, for the compiled-backward cache:
+    its code and the constants it closes over (causal_mask's offset)."""
+    cells = tuple(cell.cell_contents for cell in fn.__closure__ or ())
+    if any(isinstance(cell, torch.Tensor) for cell in cells):
+        raise ValueError(f"{fn.__name__} closes over a tensor: pass it as a buffer (attention.masks.Mod)")
+    return (fn.__code__, cells)
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
+
+
+# One compiled backward per (shapes, strides, mask, score_mod): a training run
+# at a few lengths compiles a few; the bound keeps long-running servers of
+# many lengths from holding every kernel they ever compiled.
+_COMPILED_BACKWARDS: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_MAX_COMPILED_BACKWARDS = 64
+
+
+def flex_attention_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    block_mask: BlockMask,
+    mask: Mod | None = None,
+    score: Mod | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`run_flex_attention` (Triton kernel) from its saved
+    ``out`` and ``lse`` (``return_lse=True``): FlexAttention's own backward
+    over ``block_mask``'s blocks, without running the forward again.
+    Compiled once per shape on CUDA; FlexAttention has no CPU backward.
+
+    Args:
+        query, key, value: the forward's inputs; ``out``, ``lse``: its outputs.
+        grad_out: the gradient of ``out``.
+        block_mask: the forward's BlockMask, built with its q-major indices
+            (``build_block_mask(..., for_backward=True)``).
+        mask: the forward's mask_mod with its tensors (None: ``block_mask``'s own).
+        score: the forward's score_mod with its tensors (None: none).
+        scale: the forward's softmax scale (None: ``1/sqrt(E)``).
+
+    Returns:
+        ``(dq, dk, dv)`` shaped like ``query``, ``key``, ``value``.
+
+    Example:
+        >>> out, lse = run_flex_attention(q, k, v, block_mask=mask, return_lse=True)  # doctest: +SKIP
+        >>> dq, dk, dv = flex_attention_backward(q, k, v, out, lse, grad, block_mask=mask)  # doctest: +SKIP
+    """
+    if not query.is_cuda:
+        raise ValueError(f"flex_attention_backward needs CUDA tensors (FlexAttention has no CPU backward), got {query.device}")
+    mask = mask if mask is not None else Mod(block_mask.mask_mod)
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    tensors = [t.contiguous() for t in (query, key, value, out, lse, grad_out)]
+    inputs = flex_attention_backward_inputs(
+        *tensors, block_mask=block_mask, mask_buffers=mask.buffers, score_buffers=() if score is None else score.buffers
+    )
+    layout_constants = tuple(e for e in block_mask.as_tuple()[:-1] if not isinstance(e, torch.Tensor))
+    key_ = (
+        tuple(_tensor_key(t) for t in inputs),
+        layout_constants,
+        _mod_key(mask.fn),
+        None if score is None else _mod_key(score.fn),
+        scale,
+    )
+    compiled = _COMPILED_BACKWARDS.get(key_)
+    with eager_dispatch_state():
+        if compiled is None:
+            graph = flex_attention_backward_graph(
+                *tensors,
+                block_mask=block_mask,
+                mask_fn=mask.fn,
+                mask_buffers=mask.buffers,
+                score_fn=None if score is None else score.fn,
+                score_buffers=() if score is None else score.buffers,
+                scale=scale,
+            )
+            compiled = compile_fx(graph, inputs, config_patches={})
+            _COMPILED_BACKWARDS[key_] = compiled
+            while len(_COMPILED_BACKWARDS) > _MAX_COMPILED_BACKWARDS:
+                _COMPILED_BACKWARDS.popitem(last=False)
+        _COMPILED_BACKWARDS.move_to_end(key_)
+        dq, dk, dv = compiled(*inputs)
+    return dq, dk, dv

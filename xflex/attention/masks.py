@@ -4,6 +4,7 @@ whole), so that selection and attention agree on what a call means."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -15,6 +16,9 @@ __all__ = [
     "MaskMod",
     "ScoreMod",
     "BlockVisibility",
+    "Mod",
+    "lookup_mask",
+    "add_bias",
     "causal_mask",
     "boolean_mask",
     "additive_bias",
@@ -51,24 +55,54 @@ def causal_mask(offset: int) -> MaskMod:
     return causal
 
 
+@dataclasses.dataclass(frozen=True)
+class Mod:
+    """A mask_mod or score_mod kept apart from the tensors it reads:
+    ``fn(*indices, *buffers)``. FlexAttention's forward takes the closure
+    :attr:`bound`; the backward graph (``attention.flex``) takes ``fn`` and
+    ``buffers`` as inputs, so that one compiled backward serves every call of
+    the same shapes instead of baking one mask in.
+
+    Example:
+        >>> mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+        >>> Mod(lookup_mask, (mask,)).bound(0, 0, 1, 2)
+        tensor(True)
+    """
+
+    fn: Callable[..., torch.Tensor]
+    buffers: tuple[torch.Tensor, ...] = ()
+
+    @functools.cached_property
+    def bound(self) -> Callable[..., torch.Tensor]:
+        if not self.buffers:
+            return self.fn
+        fn, buffers = self.fn, self.buffers
+
+        def with_buffers(*indices):
+            return fn(*indices, *buffers)
+
+        return with_buffers
+
+
+def lookup_mask(b, h, q_idx, kv_idx, mask):
+    """An SDPA boolean ``attn_mask`` already expanded to ``(B, H, Lq, Lk)`` (True = attend)."""
+    return mask[b, h, q_idx, kv_idx]
+
+
+def add_bias(score, b, h, q_idx, kv_idx, bias):
+    """An SDPA float ``attn_mask`` (``(B, H, Lq, Lk)``, expanded) added to the scores;
+    ``-inf`` entries mask, anything else (ALiBi, relative bias) shifts."""
+    return score + bias[b, h, q_idx, kv_idx].to(score.dtype)
+
+
 def boolean_mask(mask: torch.Tensor) -> MaskMod:
-    """Look up an SDPA boolean ``attn_mask`` already expanded to ``(B, H, Lq, Lk)``
-    (True = attend)."""
-
-    def lookup(b, h, q_idx, kv_idx):
-        return mask[b, h, q_idx, kv_idx]
-
-    return lookup
+    """:func:`lookup_mask` of ``mask`` as a mask_mod."""
+    return Mod(lookup_mask, (mask,)).bound
 
 
 def additive_bias(bias: torch.Tensor) -> ScoreMod:
-    """Add an SDPA float ``attn_mask`` (``(B, H, Lq, Lk)``, expanded) to the scores;
-    ``-inf`` entries mask, anything else (ALiBi, relative bias) shifts."""
-
-    def add_bias(score, b, h, q_idx, kv_idx):
-        return score + bias[b, h, q_idx, kv_idx].to(score.dtype)
-
-    return add_bias
+    """:func:`add_bias` of ``bias`` as a score_mod."""
+    return Mod(add_bias, (bias,)).bound
 
 
 def visible_everywhere(b, h, q_idx, kv_idx):

@@ -14,12 +14,15 @@ from torch.nn.attention.flex_attention import and_masks
 from .masks import (
     BlockVisibility,
     MaskMod,
+    Mod,
     ScoreMod,
+    add_bias,
     additive_bias,
     boolean_mask,
     causal_block_visibility,
     causal_mask,
     key_length_mask,
+    lookup_mask,
     tensor_block_visibility,
 )
 
@@ -29,7 +32,9 @@ __all__ = ["CallPattern", "call_pattern"]
 @dataclasses.dataclass
 class CallPattern:
     """Attributes:
-    mask_mod, score_mod: carry the call's mask into FlexAttention (None: none).
+    mask, score: the call's mask as FlexAttention mask_mod / score_mod with
+        the tensors they read (None: none); ``mask_mod`` / ``score_mod`` are
+        the closures FlexAttention's forward takes.
     visibility: which blocks the mask leaves visible / entirely visible.
     causal_offset: reduced-space causal mask for the scorer (None: not causal).
     diagonal_offset: key position of a query's own position is ``q + offset``
@@ -45,8 +50,8 @@ class CallPattern:
     attn_mask: the call's own mask, 4-D as given (None for ``is_causal`` or no mask).
     """
 
-    mask_mod: MaskMod | None
-    score_mod: ScoreMod | None
+    mask: Mod | None
+    score: Mod | None
     visibility: BlockVisibility
     causal_offset: int | None
     diagonal_offset: int | None
@@ -55,6 +60,14 @@ class CallPattern:
     captures_tensors: bool
     shape: tuple[int, int, int, int]
     attn_mask: torch.Tensor | None = None
+
+    @property
+    def mask_mod(self) -> MaskMod | None:
+        return None if self.mask is None else self.mask.bound
+
+    @property
+    def score_mod(self) -> ScoreMod | None:
+        return None if self.score is None else self.score.bound
 
     def padded_mods(self, q_len: int, kv_len: int) -> tuple[MaskMod | None, ScoreMod | None]:
         """``(mask_mod, score_mod)`` for this call's q, k and v zero-padded to
@@ -112,8 +125,8 @@ def call_pattern(
     if is_causal:
         # SDPA's is_causal is top-left aligned, also when Lq != Lk.
         return CallPattern(
-            mask_mod=causal_mask(0),
-            score_mod=None,
+            mask=Mod(causal_mask(0)),
+            score=None,
             visibility=causal_block_visibility(Lq, Lk, block_size, 0, query.device),
             causal_offset=0,
             diagonal_offset=0,
@@ -127,8 +140,8 @@ def call_pattern(
             (1, 1, math.ceil(Lq / block_size), math.ceil(Lk / block_size)), dtype=torch.bool, device=query.device
         )
         return CallPattern(
-            mask_mod=None,
-            score_mod=None,
+            mask=None,
+            score=None,
             visibility=BlockVisibility(everything, everything),
             causal_offset=None,
             diagonal_offset=0 if Lq == Lk else None,
@@ -141,10 +154,10 @@ def call_pattern(
     full_shape = (B, Hq, Lq, Lk)
     if mask.dtype == torch.bool:
         visible = mask
-        mask_mod, score_mod = boolean_mask(mask.expand(full_shape)), None
+        mask_with, score_with = Mod(lookup_mask, (mask.expand(full_shape),)), None
     else:
         visible = mask != float("-inf")
-        mask_mod, score_mod = None, additive_bias(mask.expand(full_shape))
+        mask_with, score_with = None, Mod(add_bias, (mask.expand(full_shape),))
     # A mask whose query axis is absent or broadcast (stride 0, as Hugging
     # Face expands key-padding masks) only hides keys: the call is
     # bidirectional, known from the shape alone. A query axis in memory may be
@@ -155,8 +168,8 @@ def call_pattern(
     visible = visible.expand(visible.shape[0], visible.shape[1], Lq, Lk)
     visibility = tensor_block_visibility(visible, block_size)
     return CallPattern(
-        mask_mod=mask_mod,
-        score_mod=score_mod,
+        mask=mask_with,
+        score=score_with,
         visibility=visibility,
         causal_offset=None,
         diagonal_offset=(0 if Lq == Lk else None) if keys_only else Lk - Lq,
