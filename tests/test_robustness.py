@@ -226,12 +226,6 @@ def test_gpu_gradients_through_the_sparse_path(threshold, mask_kind):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need CUDA")
-@pytest.mark.xfail(
-    reason="H200, torch 2.11: cudagraph trees raised 'accessing tensor output of CUDAGraphs that has been "
-    "overwritten by a subsequent run' when the op read the mask another partition made (bench/RESULTS.md, "
-    "'CUDA graphs'); this version, with cudagraph_mark_step_begin(), has not finished a GPU run yet",
-    strict=False,
-)
 @torch.no_grad()
 def test_reduce_overhead_graphs_the_model_and_the_op_still_follows_the_settings():
     torch._dynamo.reset()

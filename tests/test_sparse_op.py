@@ -10,6 +10,7 @@ from reference import attention_ref, blocks_to_elements, causal_visible
 import xflex
 
 BLOCK = 64
+CUDA_BLOCK = 128  # FlexAttention's GPU kernels take multiples of 128 (attention.flex.check_block_size)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -64,12 +65,13 @@ CASES = [
 @pytest.mark.parametrize("threshold", [1.0, 0.6])
 def test_sparse_output_equals_masked_dense_reference(kind, batch, hq, hkv, q_len, kv_len, threshold, device):
     q, k, v, mask, is_causal, visible, bias = make_case(kind, batch, hq, hkv, q_len, kv_len, device=device)
-    config = xflex.Config(block_size=BLOCK, min_seq_len=BLOCK, dense_row_blocks=0, stride=8, threshold=threshold)
+    block = BLOCK if device == "cpu" else CUDA_BLOCK
+    config = xflex.Config(block_size=block, min_seq_len=block, dense_row_blocks=0, stride=8, threshold=threshold)
     with xflex.sparsity() as stats:
         out = xflex.sparse_sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=hq != hkv, config=config)
     assert stats.dense_calls == [], stats.dense_calls[0].dense_reason
     selected = xflex.plan(q, k, mask, is_causal, config=config).selected
-    kept = visible & blocks_to_elements(selected.cpu(), q_len, kv_len, BLOCK)
+    kept = visible & blocks_to_elements(selected.cpu(), q_len, kv_len, block)
     ref = attention_ref(q.cpu(), k.cpu(), v.cpu(), visible=kept.cpu(), bias=bias)
     out = out.cpu()
     diff = (out.double() - ref).abs()
