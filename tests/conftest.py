@@ -31,7 +31,8 @@ def smollm2_model():
 def no_measured_break_even(monkeypatch):
     """Tests run short calls that a measured GPU's break-even would send to
     dense SDPA before any kernel under test ran; tests of that policy put
-    their own entries in the emptied table."""
+    their own entries in the emptied table, and start without call-site history."""
     from xflex import policy
 
     monkeypatch.setattr(policy, "MEASURED_BREAK_EVEN", {})
+    monkeypatch.setattr(policy, "DENSITY_HISTORY", policy.DensityHistory())

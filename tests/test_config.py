@@ -1,5 +1,6 @@
 """Bad settings raise errors that name the setting and what it accepts."""
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -145,15 +146,64 @@ def test_break_even_runs_a_call_dense_with_its_reason(monkeypatch):
     torch.testing.assert_close(short, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
     monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, ("cpu", "triton"), policy.BreakEven(min_keys=0, max_density=0.5))
     with mock.patch("xflex.op.plan", side_effect=AssertionError("scored")), xflex.sparsity() as stats:
-        xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)  # threshold 1.0: density 1.0
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=config, name="forecast")  # threshold 1.0: density 1.0
     assert stats.dense_calls[0].dense_reason.startswith("probe rows' selection density 1.00 above")
     monkeypatch.setattr(policy, "probe_density", lambda *args, **kwargs: 0.0)  # a forecast that misses
     with xflex.sparsity() as stats:
-        xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=config, name="missed forecast")
     assert stats.dense_calls[0].dense_reason.startswith("selection density 1.00 above")
     with xflex.sparsity(break_even=False) as stats:
         xflex.sparse_sdpa(q, q, q, is_causal=True, config=config)
     assert stats.dense_calls == [] and stats.density == 1.0
+
+
+def test_call_site_history_skips_the_forecast_and_rechecks_dense_sites(monkeypatch):
+    """A site whose selection was too dense runs dense without scoring until
+    its probe rows are read again (every RECHECK_EVERY calls); a site whose
+    selection paid is scored without a forecast or a synchronous density
+    check, and its density still reaches the next call; sites are
+    independent by name."""
+    from xflex import policy
+
+    q = torch.randn(1, 2, 1024, 16)
+    dense_config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=1.0)
+    sparse_config = dataclasses.replace(dense_config, threshold=0.3)
+    table_key = ("cpu", "triton")
+    monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, table_key, policy.BreakEven(min_keys=0, max_density=0.5))
+    forecasts = []
+    real_probe_density = policy.probe_density
+    monkeypatch.setattr(policy, "probe_density", lambda *a, **kw: forecasts.append(1) or real_probe_density(*a, **kw))
+
+    with xflex.sparsity() as stats:
+        for _ in range(policy.RECHECK_EVERY + 2):
+            xflex.sparse_sdpa(q, q, q, is_causal=True, config=dense_config, name="dense site")
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=dense_config)  # unnamed calls keep no history:
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=dense_config)  # each one is forecast
+    assert [r.dense_reason[:11] for r in stats.dense_calls[-2:]] == ["probe rows'"] * 2 and len(forecasts) == 4
+    del forecasts[2:]
+    reasons = [r.dense_reason for r in stats.dense_calls[:-2]]
+    assert len(reasons) == policy.RECHECK_EVERY + 2 and len(forecasts) == 2  # the first call and the re-check
+    assert reasons[0].startswith("probe rows'") and reasons[-1].startswith("probe rows'")
+    assert all(r.startswith("this call site's last selection density 1.00") for r in reasons[1:-1])
+
+    forecasts.clear()
+    with xflex.sparsity() as stats:
+        first = xflex.sparse_sdpa(q, q, q, is_causal=True, config=sparse_config, name="sparse site")
+    density = stats.density
+    assert stats.dense_calls == [] and forecasts == [1] and density < 0.5
+    with mock.patch.object(xflex.planning.Plan, "density", side_effect=AssertionError("synchronised")):
+        with xflex.sparsity() as stats:
+            again = xflex.sparse_sdpa(q, q, q, is_causal=True, config=sparse_config, name="sparse site")
+    assert stats.dense_calls == [] and forecasts == [1]
+    torch.testing.assert_close(again, first)
+    # The density read back without waiting reaches the next call: below it, that call runs dense.
+    monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, table_key, policy.BreakEven(min_keys=0, max_density=density - 0.01))
+    with xflex.sparsity() as stats:
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=sparse_config, name="sparse site")
+        xflex.sparse_sdpa(q, q, q, is_causal=True, config=sparse_config, name="another site")
+    assert stats.dense_calls[0].dense_reason.startswith(f"this call site's last selection density {density:.2f}")
+    # A site of its own: forecast and checked anew, not dense on another site's history.
+    assert "call site" not in stats.dense_calls[1].dense_reason and len(forecasts) == 2
 
 
 def test_auto_attention_kernel_takes_flash_only_where_it_can_run(monkeypatch):

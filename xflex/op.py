@@ -17,7 +17,7 @@ from .calibration import active_calibrations
 from .config import Config
 from .context import effective_config, record_call, recording
 from .planning import plan
-from .policy import dense_forecast_reason, dense_reason, dense_selection_reason
+from .policy import ANONYMOUS_CALL, DensityCheck, dense_reason
 from .stats import CallRecord
 
 __all__ = ["sparse_sdpa"]
@@ -94,7 +94,8 @@ def _sparse_sdpa_op(
         args.validate()
         with eager_dispatch_state():
             pattern = call_pattern(query, key, attn_mask, is_causal, cfg.block_size)
-            reason = dense_forecast_reason(args, pattern, cfg, needs_grad, call_name)
+            density_check = DensityCheck(args, cfg, needs_grad, call_name)
+            reason = density_check.before_scoring(pattern)
             if reason is None:
                 call_plan = plan(
                     query,
@@ -108,7 +109,7 @@ def _sparse_sdpa_op(
                     value_head_dim=value.shape[-1],
                     pattern=pattern,
                 )
-                reason = dense_selection_reason(call_plan, cfg, query.device)
+                reason = density_check.after_scoring(call_plan)
     if reason is not None:
         out = args.dense()
         if recording():
@@ -231,7 +232,7 @@ def sparse_sdpa(
     enable_gqa: bool = False,
     *,
     config: Config | None = None,
-    name: str = "sparse_sdpa",
+    name: str = ANONYMOUS_CALL,
 ) -> torch.Tensor:
     """Drop-in for ``F.scaled_dot_product_attention`` that runs XAttention
     block-sparse attention (what the ``xattn`` backend rewrites SDPA into).
@@ -240,7 +241,10 @@ def sparse_sdpa(
         query: ``(B, Hq, Lq, E)``; key ``(B, Hkv, Lk, E)``; value ``(B, Hkv, Lk, Ev)``.
         attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA.
         config: defaults (``xflex.Config``); ``xflex.sparsity()`` overrides them.
-        name: the call's name in ``SparsityStats`` records.
+        name: the call's name in ``SparsityStats`` records, and its call site
+            in the break-even's density history (``xflex.policy.DensityHistory``):
+            give each place that calls attention its own name. Unnamed calls
+            keep no history (each is forecast and checked on its own).
 
     Returns:
         ``(B, Hq, Lq, Ev)``: attention restricted to the selected blocks, or

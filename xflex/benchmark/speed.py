@@ -78,7 +78,10 @@ def run(
     """Time every (family, length, method, kernel) on the current CUDA GPU.
 
     Correctness is checked first for each family and length: at threshold 1.0
-    the op must equal cuDNN SDPA to bf16 tolerance.
+    the op must equal cuDNN SDPA to bf16 tolerance. The op is timed as a
+    repeated call of one named call site, so from its second call its density
+    history decides (``xflex.policy.DensityCheck``); ``bench.tools.time_probes``
+    times the first call's forecast.
 
     Example:
         >>> rows = run(["llm"], [32768], methods=["antidiagonal", "adaptive"])   # doctest: +SKIP
@@ -111,8 +114,9 @@ def run(
                 for kernel in kernels:
                     config = Config(method=method, threshold=threshold, stride=stride, attention_kernel=kernel)
 
+                    # Named, as the backend names a model's calls: the call site keeps a density history.
                     def sparse() -> torch.Tensor:
-                        return sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads, config=config)
+                        return sparse_sdpa(q, k, v, is_causal=causal, enable_gqa=heads != kv_heads, config=config, name=family)
 
                     with sparsity() as stats:
                         sparse()
