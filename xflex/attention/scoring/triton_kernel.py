@@ -226,7 +226,7 @@ def _online_softmax_tile(
 
 @triton.autotune(
     configs=CONFIGS,
-    key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE"],
+    key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE", "SPLIT_KEYS"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -251,6 +251,7 @@ def scores_kernel(
     stride_sh,
     stride_sr,
     stride_rh,
+    stride_rp,
     num_heads,
     group_size,
     q_len,
@@ -263,6 +264,7 @@ def scores_kernel(
     TILES_PER_BLOCK: tl.constexpr,
     HAS_CAUSAL: tl.constexpr,
     HAS_BLOCK_VISIBLE: tl.constexpr,
+    SPLIT_KEYS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -270,9 +272,13 @@ def scores_kernel(
     BLOCK_N: tl.constexpr,
     FLATTEN: tl.constexpr,
 ):
-    """One program: ``BLOCK_M`` reduced query rows of one (batch, query head).
+    """One program: ``BLOCK_M`` reduced query rows of one (batch, query head),
+    against key range ``program_id(2)`` of ``num_programs(2)`` (whole
+    ``BLOCK_N`` tiles; each range writes its own part of the row statistics).
     Reduced row ``t`` sees key tile ``u`` when ``u < ceil(Lk/S)``, ``u <= t +
-    diag_shift`` (causal) and the block-level mask allows ``(t//T, u//T)``."""
+    diag_shift`` (causal) and the block-level mask allows ``(t//T, u//T)``.
+    ``SPLIT_KEYS`` (more than one range) only keys the autotuner: launches of a
+    few rows split over their keys tune apart from whole-row launches."""
     # One GEMM pass (online softmax, per-block log-sum-exps parked in scratch and
     # renormalised by normalise_kernel) rather than two: the reduced GEMM is the cost.
     tl.static_assert(BLOCK_M % TILES_PER_BLOCK == 0)
@@ -306,16 +312,22 @@ def scores_kernel(
         k_tile_end = tl.minimum(k_tile_end, last_t + diag_shift + 1)  # later tiles never load
         unmasked_end = tl.minimum(unmasked_end, tl.maximum(t_first + diag_shift + 1, 0) // BLOCK_N * BLOCK_N)
 
+    # This program's key range: whole BLOCK_N tiles, so the split leaves the
+    # unmasked / masked boundary (a multiple of BLOCK_N) where it was.
+    range_tiles = tl.cdiv(tl.cdiv(n_k_tiles, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    range_start = tl.program_id(2) * range_tiles
+    range_end = tl.minimum(k_tile_end, range_start + range_tiles)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(x - m_i)
-    for u0 in tl.range(0, unmasked_end, BLOCK_N, flatten=FLATTEN):
+    for u0 in tl.range(range_start, tl.minimum(unmasked_end, range_end), BLOCK_N, flatten=FLATTEN):
         m_i, l_i = _online_softmax_tile(
             q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
             stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
             MASKED=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
             FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-    for u0 in range(unmasked_end, k_tile_end, BLOCK_N):
+    for u0 in range(tl.maximum(range_start, unmasked_end), range_end, BLOCK_N):
         m_i, l_i = _online_softmax_tile(
             q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
             stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
@@ -323,9 +335,10 @@ def scores_kernel(
             FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
-    # Each row's log2-sum-exp2 (-inf: it sees no key); the normaliser drops rows past the sequence.
+    # Each row's log2-sum-exp2 over this range (-inf: it sees no key here); the
+    # normaliser combines the ranges and drops rows past the sequence.
     row_lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + local_t, row_lse)
+    tl.store(row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + tl.program_id(2) * stride_rp + local_t, row_lse)
 
 
 @triton.jit
@@ -451,6 +464,7 @@ def antidiagonal_block_scores_triton(
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
     use_gluon: bool = False,
+    key_ranges: int | None = None,
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in one fused Triton kernel.
 
@@ -472,6 +486,9 @@ def antidiagonal_block_scores_triton(
         use_gluon: launch the warp-specialised Gluon kernel (``gluon_kernel``)
             instead of the Triton one; the caller checks that it can run the
             inputs (``xflex.attention.scoring.scoring_backend`` does).
+        key_ranges: Triton kernel: programs per query rows, each over its own
+            range of the keys (None: enough to fill the GPU when the rows alone
+            do not, as for a few probe rows; 1 on the CPU).
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
@@ -485,6 +502,8 @@ def antidiagonal_block_scores_triton(
     """
     validate_scoring_inputs(q, k, stride, block_size)
     _validate_triton(q, k, stride, block_size, scale, causal_offset, block_visible)
+    if key_ranges is not None and (not isinstance(key_ranges, int) or key_ranges < 1):
+        raise ValueError(f"key_ranges must be None or a positive int, but got key_ranges={key_ranges!r}")
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
@@ -502,7 +521,10 @@ def antidiagonal_block_scores_triton(
     if use_gluon:
         from . import gluon_kernel
     # Row parts: the Gluon kernel's two consumers each see half of each key range.
-    parts = 2 * gluon_kernel.key_ranges(Lk, S) if use_gluon else 1
+    if use_gluon:
+        parts = 2 * gluon_kernel.key_ranges(Lk, S)
+    else:
+        parts = _triton_key_ranges(q, min(rows, n_q_tiles), math.ceil(Lk / S)) if key_ranges is None else key_ranges
     row_lse = torch.empty((B * Hq, parts, rows), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
     diag_shift = 0 if causal_offset is None else (S - 1 + causal_offset) // S
@@ -522,7 +544,7 @@ def antidiagonal_block_scores_triton(
         else:
             has_block_visible = block_visible is not None
             _launch_triton_scorer(
-                q, k, scratch, row_lse, visible=visible, has_block_visible=has_block_visible, **launch_args
+                q, k, scratch, row_lse, visible=visible, has_block_visible=has_block_visible, key_ranges=parts, **launch_args
             )
         normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), B * Hq)](
             scratch,
@@ -548,6 +570,21 @@ def antidiagonal_block_scores_triton(
     return out
 
 
+def _triton_key_ranges(q: torch.Tensor, q_tiles: int, n_k_tiles: int) -> int:
+    """Key ranges per query rows for the Triton kernel: 1 where the rows'
+    programs fill the GPU, else enough for two programs per SM, each range at
+    least one 256-tile step. Few rows against many keys (the probe rows of the
+    break-even forecast and the adaptive method) otherwise run one long loop
+    per head on a few SMs (bench/RESULTS.md, "Break-even")."""
+    if not q.is_cuda:
+        return 1
+    programs = q.shape[0] * q.shape[1] * triton.cdiv(q_tiles, _MAX_BLOCK_M)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), n_k_tiles // 256))
+
+
 def _launch_triton_scorer(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -556,6 +593,7 @@ def _launch_triton_scorer(
     *,
     visible: torch.Tensor,
     has_block_visible: bool,
+    key_ranges: int,
     stride: int,
     tiles_per_block: int,
     tile_start: int,
@@ -565,9 +603,9 @@ def _launch_triton_scorer(
     causal: bool,
 ) -> None:
     """``scores_kernel`` on query rows ``[tile_start, tile_start +
-    chunk)``; ``gluon_kernel.launch``'s contract with one row part."""
+    chunk)``, each row's keys in ``key_ranges`` parts; ``gluon_kernel.launch``'s contract."""
     B, Hq, Lq, D = q.shape
-    scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq)](
+    scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq, key_ranges)](
         q,
         k,
         visible,
@@ -579,6 +617,7 @@ def _launch_triton_scorer(
         scratch.stride(0),
         scratch.stride(1),
         row_lse.stride(0),
+        row_lse.stride(1),
         Hq,
         Hq // k.shape[1],
         Lq,
@@ -591,6 +630,7 @@ def _launch_triton_scorer(
         TILES_PER_BLOCK=tiles_per_block,
         HAS_CAUSAL=causal,
         HAS_BLOCK_VISIBLE=has_block_visible,
+        SPLIT_KEYS=key_ranges > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FAST_LOG2=q.device.type != "cpu",  # the interpreter (CPU tensors) lacks libdevice
         BLOCK_K=_block_k(D),
