@@ -157,7 +157,8 @@ def test_break_even_runs_a_call_dense_with_its_reason(monkeypatch):
     assert stats.dense_calls == [] and stats.density == 1.0
 
 
-def test_call_site_history_skips_the_forecast_and_rechecks_dense_sites(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_call_site_history_skips_the_forecast_and_rechecks_dense_sites(device, monkeypatch):
     """A site whose selection was too dense runs dense without scoring until
     its probe rows are read again (every RECHECK_EVERY calls); a site whose
     selection paid is scored without a forecast or a synchronous density
@@ -165,10 +166,11 @@ def test_call_site_history_skips_the_forecast_and_rechecks_dense_sites(monkeypat
     independent by name."""
     from xflex import policy
 
-    q = torch.randn(1, 2, 1024, 16)
-    dense_config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=1.0)
+    block = 64 if device == "cpu" else 128  # FlexAttention's GPU tile
+    q = torch.randn(1, 2, 16 * block, 16, device=device)
+    dense_config = xflex.Config(block_size=block, min_seq_len=0, dense_row_blocks=0, threshold=1.0)
     sparse_config = dataclasses.replace(dense_config, threshold=0.3)
-    table_key = ("cpu", "triton")
+    table_key = (policy.device_kind(q.device), "triton")
     monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, table_key, policy.BreakEven(min_keys=0, max_density=0.5))
     forecasts = []
     real_probe_density = policy.probe_density
@@ -196,6 +198,8 @@ def test_call_site_history_skips_the_forecast_and_rechecks_dense_sites(monkeypat
             again = xflex.sparse_sdpa(q, q, q, is_causal=True, config=sparse_config, name="sparse site")
     assert stats.dense_calls == [] and forecasts == [1]
     torch.testing.assert_close(again, first)
+    if device == "cuda":
+        torch.cuda.synchronize()  # the read-back has landed
     # The density read back without waiting reaches the next call: below it, that call runs dense.
     monkeypatch.setitem(policy.MEASURED_BREAK_EVEN, table_key, policy.BreakEven(min_keys=0, max_density=density - 0.01))
     with xflex.sparsity() as stats:
