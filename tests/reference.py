@@ -43,7 +43,16 @@ def blocks_to_elements(blocks: torch.Tensor, q_len: int, kv_len: int, block_size
     return blocks.repeat_interleave(block_size, -2)[..., :q_len, :].repeat_interleave(block_size, -1)[..., :kv_len]
 
 
-def antidiagonal_scores_naive(q, k, *, stride, block_size, scale=None, causal_offset=None, block_visible=None):
+# Per key offset r of an S x S tile, the query offset its product pairs with.
+PAIRED_QUERY = {
+    "antidiagonal": lambda r, S: S - 1 - r,
+    "interleaved": lambda r, S: 2 * r if 2 * r < S else 2 * r - (S - 1),  # 0, 2, 4, ..., 1, 3, 5, ...
+}
+
+
+def antidiagonal_scores_naive(
+    q, k, *, stride, block_size, scale=None, causal_offset=None, block_visible=None, pairing="antidiagonal"
+):
     """The XAttention block score by explicit loops over tiles (slow, obvious)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -67,7 +76,7 @@ def antidiagonal_scores_naive(q, k, *, stride, block_size, scale=None, causal_of
                             continue
                     total = 0.0
                     for r in range(S):
-                        qi, ki = t * S + S - 1 - r, u * S + r
+                        qi, ki = t * S + PAIRED_QUERY[pairing](r, S), u * S + r
                         if qi < Lq and ki < Lk:
                             total += float(qd[b, h, qi] @ kd[b, kh, ki])
                     logits[t, u] = total * scale / S

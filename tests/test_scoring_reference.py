@@ -3,11 +3,12 @@ ragged lengths, Lq != Lk, GQA, both causal alignments, block masks."""
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from reference import antidiagonal_scores_naive
 
-from xflex.attention.scoring import antidiagonal_block_scores
+from xflex.attention.scoring import antidiagonal_block_scores, paired_query_rows
 
 
 @st.composite
@@ -22,13 +23,14 @@ def scoring_case(draw):
     offset = {"none": None, "top_left": 0, "bottom_right": kv_len - q_len}[causal]
     masked = draw(st.booleans())
     batch = draw(st.sampled_from([1, 2]))
-    return stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch
+    pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
+    return stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch, pairing
 
 
 @settings(max_examples=40, deadline=None)
 @given(scoring_case(), st.integers(0, 2**31 - 1))
 def test_reference_scorer_matches_explicit_loops(case, seed):
-    stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch = case
+    stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch, pairing = case
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hkv * groups, q_len, 8, generator=gen)
     k = torch.randn(batch, hkv, kv_len, 8, generator=gen)
@@ -36,7 +38,9 @@ def test_reference_scorer_matches_explicit_loops(case, seed):
     if masked:
         shape = (batch, 1, math.ceil(q_len / block_size), math.ceil(kv_len / block_size))
         block_visible = torch.rand(shape, generator=gen) < 0.7
-    kwargs = dict(stride=stride, block_size=block_size, scale=0.7, causal_offset=offset, block_visible=block_visible)
+    kwargs = dict(
+        stride=stride, block_size=block_size, scale=0.7, causal_offset=offset, block_visible=block_visible, pairing=pairing
+    )
     fast = antidiagonal_block_scores(q, k, chunk_tokens=block_size, **kwargs)
     slow = antidiagonal_scores_naive(q, k, **kwargs)
     print("max diff", (fast.double() - slow).abs().max().item())
@@ -60,3 +64,30 @@ def test_antidiagonal_sees_a_slash_pattern():
     q = torch.roll(k, shifts=1, dims=2) * 4  # q_i ~ k_{i-1}: a slash one below the diagonal
     scores = antidiagonal_block_scores(q, k, stride=8, block_size=64, causal_offset=0)
     assert torch.equal(scores[0, 0].argmax(-1), torch.arange(L // 64))
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8, 16, 32])
+def test_interleaved_pairing_sees_every_offset_residue_but_one(stride):
+    """Both pairings are permutations (each tile row and column once); the
+    antidiagonal's query - key offsets are all odd, the interleaved pairing's
+    cover every residue mod S except S/2."""
+    for pairing, residues in (("antidiagonal", set(range(1, stride, 2))), ("interleaved", set(range(stride)) - {stride // 2})):
+        rows = paired_query_rows(stride, pairing)
+        assert sorted(rows) == list(range(stride))
+        assert {(q - r) % stride for r, q in enumerate(rows)} == residues
+
+
+@pytest.mark.parametrize("shift", [1, 2, 3, 4, 5, 6])
+def test_slash_lines_each_pairing_cannot_see(shift):
+    """Queries that match the key ``shift`` positions back (a slash line): an
+    estimate sees the line where the line's block scores at least half the
+    row's largest block in every row. The antidiagonal sees odd shifts only
+    (twice per S rows), the interleaved pairing every shift but S/2 (once)."""
+    torch.manual_seed(0)
+    L, D, S, block = 1024, 32, 8, 64
+    k = torch.randn(1, 1, L, D)
+    q = torch.roll(k, shifts=shift, dims=2) * 4  # q_i ~ k_{i-shift}: inside the diagonal block for most rows
+    for pairing, sees in (("interleaved", shift % S != S // 2), ("antidiagonal", shift % 2 == 1)):
+        scores = antidiagonal_block_scores(q, k, stride=S, block_size=block, causal_offset=0, pairing=pairing)[0, 0]
+        worst = (scores.diagonal() / scores.amax(-1)).min().item()
+        assert worst > 0.5 if sees else worst < 0.5, (pairing, worst)

@@ -75,6 +75,7 @@ def _random_blocks(shape, *, seed=0, density=0.6):
 
 
 def _assert_matches_reference(q, k, *, rtol=None, atol=None, key_ranges=None, **kwargs):
+    # key_ranges is the kernel's own parameter; the rest (pairing included) both take.
     got = antidiagonal_block_scores_triton(q, k, key_ranges=key_ranges, **kwargs)
     want = antidiagonal_block_scores(q, k, **kwargs)
     diff = (got - want).abs()
@@ -116,11 +117,11 @@ def test_matches_reference(case, seed):
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(_scoring_case(), st.integers(2, 9), st.integers(0, 2**31 - 1))
-def test_keys_split_over_programs_match_reference(case, key_ranges, seed):
+@given(_scoring_case(), st.integers(2, 9), st.sampled_from(["antidiagonal", "interleaved"]), st.integers(0, 2**31 - 1))
+def test_keys_split_over_programs_match_reference(case, key_ranges, pairing, seed):
     """Rows whose keys are split over several programs (what few probe rows
     get on a GPU), including ranges past the causal diagonal or the last key
-    tile that see nothing: the same scores as the reference."""
+    tile that see nothing, with either pairing: the same scores as the reference."""
     stride, block_size, hkv, groups, batch, q_len, _, head_dim, offset, mask_dims = case
     kv_len = 1500 + seed % 700  # enough key tiles for several ranges of the interpreter's 64-tile steps
     offset = None if offset is None else (0 if offset == 0 else kv_len - q_len)
@@ -131,8 +132,17 @@ def test_keys_split_over_programs_match_reference(case, key_ranges, seed):
         block_visible = _random_blocks((*mask_dims, *blocks), seed=seed)
     _assert_matches_reference(
         q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=offset, block_visible=block_visible,
-        key_ranges=key_ranges,
+        key_ranges=key_ranges, pairing=pairing,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("stride", [2, 4, 8, 16])
+@pytest.mark.parametrize("causal_offset", [None, 0, 217])
+def test_interleaved_pairing_matches_reference(stride, causal_offset):
+    """The interleaved pairing on ragged GQA rows (the last query tile short,
+    so the pairing's masked rows differ from the antidiagonal's)."""
+    q, k = _inputs(2, 4, 2, 300 + 3, 517, 64, seed=stride)
+    _assert_matches_reference(q, k, stride=stride, block_size=64, causal_offset=causal_offset, pairing="interleaved")
 
 
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])

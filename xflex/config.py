@@ -17,6 +17,7 @@ from typing import Literal, get_args
 from .attention.backends import BACKENDS, Backend
 from .attention.constants import device_constant
 from .attention.flex import ATTENTION_KERNELS, AttentionKernel
+from .attention.scoring import PAIRINGS, Pairing
 
 __all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "Threshold"]
 
@@ -42,6 +43,11 @@ class Config:
     Attributes:
         enabled: run attention block-sparse (False: every call runs dense SDPA).
         method: ``"adaptive"`` or ``"antidiagonal"`` (see :data:`Method`).
+        scorer: which products of each ``S x S`` tile the estimate sums:
+            ``"antidiagonal"`` (XAttention's; its query - key offsets are all
+            odd, so the diagonal and slash lines at even offsets are never
+            seen) or ``"interleaved"`` (offsets of every residue mod S but S/2;
+            ``xflex.attention.scoring.paired_query_rows``). Same cost.
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"antidiagonal"``); 1.0 keeps every visible block.
@@ -92,6 +98,7 @@ class Config:
 
     enabled: bool = True
     method: Method = "antidiagonal"
+    scorer: Pairing = "antidiagonal"
     threshold: Threshold = 0.98
     probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
@@ -269,6 +276,7 @@ def _validate_config(c: Config) -> None:
     _check(_is_int(c.dense_row_blocks) and c.dense_row_blocks >= 0, "dense_row_blocks", "an int >= 0 (blocks)", c.dense_row_blocks)
     _check(c.backend in BACKENDS, "backend", f"one of {BACKENDS}", c.backend)
     _check(c.method in METHODS, "method", f"one of {METHODS}", c.method)
+    _check(c.scorer in PAIRINGS, "scorer", f"one of {PAIRINGS}", c.scorer)
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)

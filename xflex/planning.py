@@ -151,7 +151,7 @@ def call_scores(
     Args:
         query, key: the call's (``query`` may be scaled per head: a temperature).
         pattern: the call's :class:`CallPattern`.
-        config: stride, block size and backend.
+        config: stride, block size, scorer and backend.
         scale: the scorer's softmax scale (None: ``1/sqrt(E)``).
         q_blocks: score only these query blocks.
         temperatures: score at each of these multiples of ``scale`` in one
@@ -186,7 +186,7 @@ def call_scores(
             rows = torch.stack([rows * t for t in temperatures], 2).flatten(1, 2)
         scores = score_blocks(
             rows, key, stride=config.stride, block_size=bs, scale=scale, causal_offset=offset,
-            block_visible=block_visible, backend=config.backend,
+            block_visible=block_visible, pairing=config.scorer, backend=config.backend,
         )  # fmt: skip
         if temperatures is None:
             return scores

@@ -13,9 +13,17 @@ from typing import Literal
 import torch
 
 from ..backends import Backend, interpreting, uses_triton
-from .reference import antidiagonal_block_scores, reduced_tile_visible
+from .reference import PAIRINGS, Pairing, antidiagonal_block_scores, paired_query_rows, reduced_tile_visible
 
-__all__ = ["antidiagonal_block_scores", "reduced_tile_visible", "score_blocks", "scoring_backend"]
+__all__ = [
+    "PAIRINGS",
+    "Pairing",
+    "antidiagonal_block_scores",
+    "paired_query_rows",
+    "reduced_tile_visible",
+    "score_blocks",
+    "scoring_backend",
+]
 
 # "auto" takes the Gluon kernel from this many multiply-adds of the reduced GEMM
 # (B*Hq*(Lq/S)*(Lk/S)*S*D, ~1 ms of scoring on an H200). Below it the call is
@@ -76,6 +84,7 @@ def score_blocks(
     scale: float | None = None,
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
+    pairing: Pairing = "antidiagonal",
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Antidiagonal block scores, on the scorer ``backend`` picks.
@@ -90,6 +99,9 @@ def score_blocks(
             (0: SDPA's top-left ``is_causal``; ``Lk - Lq``: bottom-right).
         block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles of
             invisible blocks are left out of the softmax.
+        pairing: which query row each key row of an ``S x S`` tile pairs with:
+            ``"antidiagonal"`` (the paper's) or ``"interleaved"``
+            (:func:`paired_query_rows`).
         backend: see :func:`scoring_backend`.
 
     Returns:
@@ -101,7 +113,10 @@ def score_blocks(
         >>> score_blocks(q, k, stride=8, block_size=128, causal_offset=0).shape
         torch.Size([1, 4, 3, 3])
     """
-    kwargs = dict(stride=stride, block_size=block_size, scale=scale, causal_offset=causal_offset, block_visible=block_visible)
+    kwargs = dict(
+        stride=stride, block_size=block_size, scale=scale, causal_offset=causal_offset, block_visible=block_visible,
+        pairing=pairing,
+    )  # fmt: skip
     kernel = scoring_backend(query, key, stride=stride, block_visible=block_visible, backend=backend)
     if kernel == "torch":
         return antidiagonal_block_scores(query, key, **kwargs)

@@ -65,13 +65,15 @@ def _fast_log2(x):
 
 @gluon.jit
 def _load_partition(
-    desc, bufs, ready, empty, b, head, first_row, row_step, tiles, ANTIDIAGONAL: gl.constexpr, STRIDE: gl.constexpr,
+    desc, bufs, ready, empty, b, head, first_row, row_step, tiles, PAIRED: gl.constexpr, STRIDE: gl.constexpr,
     HEAD_DIM: gl.constexpr,
 ):  # fmt: skip
     """Producer: ``tiles`` tiles of reduced rows (``first_row + i*row_step``),
     each as ``STRIDE * HEAD_DIM / BLOCK_K`` chunks, into the ring ``bufs``.
-    Chunk c is sub-row r = c // (D / BLOCK_K) of each row (S-1-r for queries:
-    ``ANTIDIAGONAL``) and columns from (c % (D / BLOCK_K)) * BLOCK_K."""
+    Chunk c is sub-row r = c // (D / BLOCK_K) of each row, or for queries the
+    row r pairs with (``PAIRED``: 1 the antidiagonal's S-1-r, 2 the interleaved
+    pairing's, ``reference.paired_query_rows``), and columns from
+    (c % (D / BLOCK_K)) * BLOCK_K."""
     DEPTH: gl.constexpr = bufs.type.shape[0]
     ROWS: gl.constexpr = bufs.type.shape[1]
     BLOCK_K: gl.constexpr = bufs.type.shape[2]
@@ -84,8 +86,13 @@ def _load_partition(
             mbarrier.wait(empty.index(s), ((n // DEPTH) & 1) ^ 1)  # a fresh barrier passes phase 1
             mbarrier.expect(ready.index(s), ROWS * BLOCK_K * 2)
             r = c // D_CHUNKS
-            if ANTIDIAGONAL:
+            if PAIRED == 1:
                 r = STRIDE - 1 - r
+            elif PAIRED == 2:
+                if 2 * r < STRIDE:
+                    r = 2 * r
+                else:
+                    r = 2 * r - (STRIDE - 1)
             coord = [b, head, first_row + i * row_step, r, (c % D_CHUNKS) * BLOCK_K]
             _tma_load(desc, coord, ready.index(s), bufs.index(s).reshape([1, 1, ROWS, 1, BLOCK_K]))
 
@@ -185,7 +192,7 @@ def _consumer_partition(
 def scores_kernel(
     q_desc, k_desc, scratch_ptr, row_lse_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads, group_size,
     q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
-    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
+    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, PAIRING: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
     K_DEPTH: gl.constexpr, ROWS: gl.constexpr, KEYS: gl.constexpr, KEY_RANGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
 ):  # fmt: skip
@@ -249,11 +256,11 @@ def scores_kernel(
                                    stride_sr, row_lse_part + stride_rp, t0, k_first, n_tiles, unmasked_tiles,
                                    n_k_tiles, diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
             # Q: the program's rows once per pair of key tiles; K: the even, the odd tiles.
-            (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, True, STRIDE, HEAD_DIM)),
-            (_load_partition, (k_desc, k0_bufs, k0_ready, k0_empty, b, kv_head, k_first, 2 * KEYS, n_pairs, False,
+            (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, PAIRING, STRIDE, HEAD_DIM)),
+            (_load_partition, (k_desc, k0_bufs, k0_ready, k0_empty, b, kv_head, k_first, 2 * KEYS, n_pairs, 0,
                                STRIDE, HEAD_DIM)),
             (_load_partition, (k_desc, k1_bufs, k1_ready, k1_empty, b, kv_head, k_first + KEYS, 2 * KEYS,
-                               n_tiles // 2, False, STRIDE, HEAD_DIM)),
+                               n_tiles // 2, 0, STRIDE, HEAD_DIM)),
         ],
         [4, 1, 1, 1],
         [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS],
@@ -309,6 +316,7 @@ def launch(
     diag_shift: int,
     qk_scale: float,
     causal: bool,
+    interleaved: bool,
 ) -> None:
     """Scores reduced query rows ``[tile_start, tile_start + chunk)``: block
     log2-sum-exp2s into ``scratch`` (B*Hq, rows, nK), each key range's two
@@ -338,6 +346,7 @@ def launch(
         HEAD_DIM=D,
         TILES_PER_BLOCK=tiles_per_block,
         HAS_CAUSAL=causal,
+        PAIRING=2 if interleaved else 1,
         ROWS=BLOCK_M,
         KEYS=BLOCK_N,
         KEY_RANGE=KEY_RANGE,

@@ -2,21 +2,56 @@
 Attention with Antidiagonal Scoring", ICML 2025): the plain-torch reference.
 
 Cut the attention matrix into ``S x S`` tiles; the sum of a tile's antidiagonal
-(query offset ``r``, key offset ``S-1-r``) touches every row and column of the
+(query offset ``S-1-r``, key offset ``r``) touches every row and column of the
 tile once. With query rows reversed inside each tile, all antidiagonal sums are
 one small matmul ``Qs @ Ks^T`` over stride-reshaped q and k. Softmax each reduced
 row over its visible key tiles (fp32), then sum the probabilities inside each
 ``(Bs/S) x (Bs/S)`` group: that is the block score.
+
+Any pairing of a tile's query and key offsets that is a permutation touches
+each row and column once. The antidiagonal's query - key offsets,
+``S-1-2r``, are all odd (S even): slash lines at even offsets, and the
+diagonal q = k itself, cross no product of any tile. The ``"interleaved"``
+pairing (query ``2r``, then ``2r-(S-1)``: the perfect shuffle) has offsets
+``0..S/2-1`` and ``-(S/2-1)..0``: every residue mod S but S/2, each once per
+S rows, where the antidiagonal has its odd ones twice (bench/RESULTS.md,
+"Selection quality").
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from einops import rearrange
 
-__all__ = ["antidiagonal_block_scores", "reduced_tile_visible", "validate_scoring_inputs"]
+__all__ = [
+    "PAIRINGS",
+    "Pairing",
+    "antidiagonal_block_scores",
+    "paired_query_rows",
+    "reduced_tile_visible",
+    "validate_scoring_inputs",
+]
+
+Pairing = Literal["antidiagonal", "interleaved"]
+"""Which query row of an ``S x S`` tile each key row's product pairs with."""
+PAIRINGS: tuple[str, ...] = get_args(Pairing)
+
+
+def paired_query_rows(stride: int, pairing: Pairing) -> list[int]:
+    """Per key offset ``r`` of a tile, the query offset its product pairs with.
+
+    Example:
+        >>> paired_query_rows(8, "antidiagonal"), paired_query_rows(8, "interleaved")
+        ([7, 6, 5, 4, 3, 2, 1, 0], [0, 2, 4, 6, 1, 3, 5, 7])
+    """
+    if pairing == "antidiagonal":
+        return [stride - 1 - r for r in range(stride)]
+    if pairing == "interleaved":
+        return [2 * r if 2 * r < stride else 2 * r - (stride - 1) for r in range(stride)]
+    raise ValueError(f"pairing must be one of {PAIRINGS}, but got pairing={pairing!r}")
 
 
 def reduced_tile_visible(
@@ -48,6 +83,7 @@ def antidiagonal_block_scores(
     scale: float | None = None,
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
+    pairing: Pairing = "antidiagonal",
     chunk_tokens: int = 16384,
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in plain torch.
@@ -63,6 +99,8 @@ def antidiagonal_block_scores(
             (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
         block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
             invisible blocks are left out of the softmax (padding, windows).
+        pairing: which query row each key row of a tile pairs with
+            (:func:`paired_query_rows`; the paper's antidiagonal by default).
         chunk_tokens: queries scored at a time, bounding the reduced matrix.
 
     Returns:
@@ -87,7 +125,8 @@ def antidiagonal_block_scores(
     k_pad = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kt * S - Lk))
     k_tiles = rearrange(k_pad, "b h (u s) d -> b h 1 u (s d)", s=S)
     q_pad = torch.nn.functional.pad(q.float(), (0, 0, 0, n_qt * S - Lq))
-    q_tiles = rearrange(q_pad, "b (h g) (t s) d -> b h g t s d", s=S, h=Hkv).flip(-2)
+    q_tiles = rearrange(q_pad, "b (h g) (t s) d -> b h g t s d", s=S, h=Hkv)
+    q_tiles = q_tiles[..., paired_query_rows(S, pairing), :]
     q_tiles = rearrange(q_tiles, "b h g t s d -> b h g t (s d)")
 
     u = torch.arange(n_kt, device=q.device)

@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..backends import interpreting
-from .reference import validate_scoring_inputs
+from .reference import PAIRINGS, Pairing, validate_scoring_inputs
 
 __all__ = ["CONFIGS", "antidiagonal_block_scores_triton", "normalise_kernel", "scores_kernel"]
 
@@ -96,9 +96,11 @@ def _reduced_logits(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """``[BLOCK_M, BLOCK_N]`` fp32 antidiagonal sums: reduction column ``r*D + d``
-    pairs query row ``t*S + S-1-r`` with key row ``u*S + r``; rows past the
+    pairs query row ``t*S + S-1-r`` (``INTERLEAVED``: ``t*S + sigma(r)``,
+    ``reference.paired_query_rows``) with key row ``u*S + r``; rows past the
     sequence read as zero. ``q_rows``/``k_cols`` point at rows ``t*S + S-1`` and
     ``u*S``; ``q_row_last``/``k_row_first`` are those row indices."""
     D_CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
@@ -114,12 +116,15 @@ def _reduced_logits(
     for step in range(STRIDE * D_CHUNKS):
         r = step // D_CHUNKS
         d0 = (step % D_CHUNKS) * BLOCK_K
-        q_mask = q_lo <= r
+        back = r  # the query row's distance back from the tile's last row
+        if INTERLEAVED:
+            back = STRIDE - 1 - tl.where(2 * r < STRIDE, 2 * r, 2 * r - (STRIDE - 1))
+        q_mask = q_lo <= back
         k_mask = k_hi > r
         if HEAD_DIM % BLOCK_K != 0:
             q_mask = q_mask & (d0 + offs_k < HEAD_DIM)[None, :]
             k_mask = k_mask & (d0 + offs_k < HEAD_DIM)[:, None]
-        q_tile = tl.load(q_ptrs + (d0 * stride_qd - r * stride_ql), mask=q_mask, other=0.0)
+        q_tile = tl.load(q_ptrs + (d0 * stride_qd - back * stride_ql), mask=q_mask, other=0.0)
         k_tile = tl.load(k_ptrs + (d0 * stride_kd + r * stride_kl), mask=k_mask, other=0.0)
         acc = tl.dot(q_tile, k_tile, acc, input_precision=DOT_PRECISION)
     return acc
@@ -152,6 +157,7 @@ def _online_softmax_tile(
     HAS_CAUSAL: tl.constexpr,
     HAS_BLOCK_VISIBLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -199,6 +205,7 @@ def _online_softmax_tile(
             BLOCK_N,
             BLOCK_K,
             DOT_PRECISION,
+            INTERLEAVED,
         )
         x = logits * qk_scale
         if MASKED:
@@ -266,6 +273,7 @@ def scores_kernel(
     HAS_BLOCK_VISIBLE: tl.constexpr,
     SPLIT_KEYS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -325,14 +333,14 @@ def scores_kernel(
             q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
             stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
             MASKED=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
-            FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            INTERLEAVED=INTERLEAVED, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     for u0 in range(tl.maximum(range_start, unmasked_end), range_end, BLOCK_N):
         m_i, l_i = _online_softmax_tile(
             q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
             stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
             MASKED=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
-            FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            INTERLEAVED=INTERLEAVED, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
     # Each row's log2-sum-exp2 over this range (-inf: it sees no key here); the
@@ -465,6 +473,7 @@ def antidiagonal_block_scores_triton(
     block_visible: torch.Tensor | None = None,
     use_gluon: bool = False,
     key_ranges: int | None = None,
+    pairing: Pairing = "antidiagonal",
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in one fused Triton kernel.
 
@@ -489,6 +498,8 @@ def antidiagonal_block_scores_triton(
         key_ranges: Triton kernel: programs per query rows, each over its own
             range of the keys (None: enough to fill the GPU when the rows alone
             do not, as for a few probe rows; 1 on the CPU).
+        pairing: which query row each key row of a tile pairs with
+            (``reference.paired_query_rows``).
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
@@ -504,6 +515,8 @@ def antidiagonal_block_scores_triton(
     _validate_triton(q, k, stride, block_size, scale, causal_offset, block_visible)
     if key_ranges is not None and (not isinstance(key_ranges, int) or key_ranges < 1):
         raise ValueError(f"key_ranges must be None or a positive int, but got key_ranges={key_ranges!r}")
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, but got pairing={pairing!r}")
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
@@ -538,6 +551,7 @@ def antidiagonal_block_scores_triton(
             diag_shift=diag_shift,
             qk_scale=scale / S * _LOG2E,
             causal=causal_offset is not None,
+            interleaved=pairing == "interleaved",
         )
         if use_gluon:
             gluon_kernel.launch(q, k, scratch, row_lse, **launch_args)
@@ -601,6 +615,7 @@ def _launch_triton_scorer(
     diag_shift: int,
     qk_scale: float,
     causal: bool,
+    interleaved: bool,
 ) -> None:
     """``scores_kernel`` on query rows ``[tile_start, tile_start +
     chunk)``, each row's keys in ``key_ranges`` parts; ``gluon_kernel.launch``'s contract."""
@@ -632,6 +647,7 @@ def _launch_triton_scorer(
         HAS_BLOCK_VISIBLE=has_block_visible,
         SPLIT_KEYS=key_ranges > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INTERLEAVED=interleaved,
         FAST_LOG2=q.device.type != "cpu",  # the interpreter (CPU tensors) lacks libdevice
         BLOCK_K=_block_k(D),
     )
