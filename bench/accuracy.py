@@ -10,6 +10,7 @@ against the oracle) is ``bench/selection_quality.py``'s job.
     python -m bench.accuracy --quick                 # one text, one length, one depth
     python -m bench.accuracy --texts gpl3 argparse pydoc --lengths 4096 7000 --depths 0.1 0.5 0.9
     python -m bench.accuracy --settings dense antidiagonal:0.9 adaptive:0.95 --out table.md
+    python -m bench.accuracy --settings antidiagonal:0.98 antidiagonal+interleaved:0.98   # METHOD+SCORER
 """
 
 from __future__ import annotations
@@ -33,21 +34,29 @@ DEFAULT_SETTINGS = ["antidiagonal:0.9", "antidiagonal:0.95", "adaptive:0.9", "ad
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """``method:threshold`` (stride from ``--stride``), or dense."""
+    """``method[+scorer]:threshold`` (stride from ``--stride``), or dense."""
 
     method: str
     threshold: float
+    scorer: str = "antidiagonal"
 
     @staticmethod
     def parse(text: str) -> Setting:
-        method, _, threshold = text.partition(":")
-        if method not in ("antidiagonal", "adaptive") or not threshold:
-            raise argparse.ArgumentTypeError(f"expected METHOD:THRESHOLD with METHOD antidiagonal or adaptive, but got {text!r}")
-        return Setting(method, float(threshold))
+        from xflex.attention.scoring import PAIRINGS
+        from xflex.config import METHODS
+
+        name, _, threshold = text.partition(":")
+        method, _, scorer = name.partition("+")
+        if method not in METHODS or (scorer and scorer not in PAIRINGS) or not threshold:
+            raise argparse.ArgumentTypeError(
+                f"expected METHOD[+SCORER]:THRESHOLD with METHOD in {METHODS} and SCORER in {PAIRINGS}, but got {text!r}"
+            )
+        return Setting(method, float(threshold), scorer or "antidiagonal")
 
     @property
     def name(self) -> str:
-        return f"{self.method} {self.threshold:g}"
+        scorer = "" if self.scorer == "antidiagonal" else f"+{self.scorer}"
+        return f"{self.method}{scorer} {self.threshold:g}"
 
 
 @dataclasses.dataclass
@@ -78,7 +87,7 @@ def run_prompt(model, compiled, tokenizer, prompt, text, seed, settings, args) -
     for setting in settings:
         result = demo.run_sparse(
             compiled, tokenizer, prompt, new_tokens=args.new_tokens, dynamic_length=True,
-            method=setting.method, threshold=setting.threshold, stride=args.stride,
+            method=setting.method, threshold=setting.threshold, scorer=setting.scorer, stride=args.stride,
             break_even=False,  # the selection's own accuracy, also where a GPU would run these lengths dense
         )  # fmt: skip
         density = result.stats.density

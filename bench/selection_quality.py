@@ -32,6 +32,7 @@ from bench import texts
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
+from xflex.attention.scoring import PAIRINGS
 
 METHODS = {"antidiagonal": (0.8, 0.9, 0.95, 0.98), "adaptive": (0.8, 0.9, 0.95, 0.98)}
 
@@ -59,8 +60,19 @@ def evaluation_blocks(n_q: int, count: int, probe_blocks: int, causal: bool) -> 
     return sorted({candidates[i] for i in picks})
 
 
-def measure(source: str, q: torch.Tensor, k: torch.Tensor, causal: bool, *, stride: int, samples: int) -> list[Point]:
-    """Every method and threshold of ``METHODS`` on one call."""
+def measure(
+    source: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    *,
+    stride: int,
+    samples: int,
+    methods: dict[str, tuple[float, ...]] = METHODS,
+    scorers: tuple[str, ...] = ("antidiagonal",),
+) -> list[Point]:
+    """Every method and threshold of ``methods``, with each scorer, on one call
+    (methods with another scorer than the antidiagonal are named ``method+scorer``)."""
     config = xflex.Config(block_size=128, min_seq_len=0, stride=stride)
     n_q = math.ceil(q.shape[2] / config.block_size)
     rows = evaluation_blocks(n_q, samples, config.probe_blocks, causal)
@@ -68,16 +80,18 @@ def measure(source: str, q: torch.Tensor, k: torch.Tensor, causal: bool, *, stri
     visible = call_pattern(q, k, None, causal, config.block_size).visibility.any[:, :, rows].float()
     n_visible = visible.sum(-1)
     points = []
-    for method, thresholds in METHODS.items():
-        for threshold in thresholds:
-            run = dataclasses.replace(config, method=method, threshold=threshold)
-            selected = xflex.plan(q, k, is_causal=causal, config=run).selected[:, :, rows]
-            recall = (mass * selected).sum(-1)
-            density = selected.sum(-1) / n_visible
-            oracle = oracle_block_counts(mass, recall) / n_visible
-            points.append(
-                Point(source, method, threshold, recall.mean().item(), recall.min().item(), density.mean().item(), oracle.mean().item())
-            )
+    for scorer in scorers:
+        for method, thresholds in methods.items():
+            name = method if scorer == "antidiagonal" else f"{method}+{scorer}"
+            for threshold in thresholds:
+                run = dataclasses.replace(config, method=method, threshold=threshold, scorer=scorer)
+                selected = xflex.plan(q, k, is_causal=causal, config=run).selected[:, :, rows]
+                recall = (mass * selected).sum(-1)
+                density = selected.sum(-1) / n_visible
+                oracle = oracle_block_counts(mass, recall) / n_visible
+                points.append(
+                    Point(source, name, threshold, recall.mean().item(), recall.min().item(), density.mean().item(), oracle.mean().item())
+                )
     return points
 
 
@@ -98,7 +112,7 @@ def captured_attention_inputs() -> Iterator[list[tuple]]:
         F.scaled_dot_product_attention = original
 
 
-def smollm2_points(text_names: list[str], tokens: int, stride: int, samples: int, device: torch.device) -> dict[str, list[Point]]:
+def smollm2_points(text_names: list[str], tokens: int, stride: int, samples: int, device: torch.device, **grid) -> dict[str, list[Point]]:
     """Per text, the points of every layer of SmolLM2-135M on its first ``tokens`` tokens."""
     model, tokenizer = demo.load_smollm2(device, torch.float32 if device.type == "cpu" else torch.bfloat16)
     out = {}
@@ -112,7 +126,7 @@ def smollm2_points(text_names: list[str], tokens: int, stride: int, samples: int
             if mask is not None or not causal:
                 raise RuntimeError("SmolLM2 was expected to call SDPA with is_causal=True and no mask")
             with torch.no_grad():
-                points += measure(f"layer {layer}", q, k, True, stride=stride, samples=samples)
+                points += measure(f"layer {layer}", q, k, True, stride=stride, samples=samples, **grid)
         out[name] = points
     return out
 
@@ -189,10 +203,13 @@ def main(argv=None) -> int:
     parser.add_argument("--texts", nargs="+", default=["gpl3", "argparse", "pydoc"], choices=list(texts.TEXTS))
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--scorers", nargs="+", default=["antidiagonal"], choices=list(PAIRINGS), help="the estimate's tile pairing(s)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot-dir", type=Path, default=None, help="one PNG per family / text here (needs matplotlib)")
     args = parser.parse_args(argv)
+    grid = dict(methods={m: METHODS[m] for m in args.methods}, scorers=tuple(args.scorers))
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     sections = []
@@ -201,7 +218,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             q, k, _ = make_inputs(family, args.length, heads=args.heads, kv_heads=args.heads, head_dim=128, device=device, dtype=dtype, seed=seed)
             with torch.no_grad():
-                points += measure(family, q, k, FAMILIES[family].causal, stride=args.stride, samples=args.samples)
+                points += measure(family, q, k, FAMILIES[family].causal, stride=args.stride, samples=args.samples, **grid)
             del q, k
         title = f"{family}, {args.length} tokens, H={args.heads}, D=128, S={args.stride}, seeds {args.seeds}"
         sections.append(table(title, points))
@@ -209,7 +226,7 @@ def main(argv=None) -> int:
         if args.plot_dir:
             plot(title, points, args.plot_dir / f"selection_{family}.png")
     if args.smollm2:
-        for name, points in smollm2_points(args.texts, args.tokens, args.stride, args.samples, device).items():
+        for name, points in smollm2_points(args.texts, args.tokens, args.stride, args.samples, device, **grid).items():
             title = f"SmolLM2-135M, {name}, {args.tokens} tokens, 30 layers, S={args.stride}"
             sections.append(table(title, points))
             print(sections[-1], flush=True)

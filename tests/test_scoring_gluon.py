@@ -51,16 +51,19 @@ def _case(draw):
     # Reduced key rows a program takes: the shipped range is one program per
     # row block at these lengths; 256 (one pair of key tiles) splits rows into many.
     key_range = draw(st.sampled_from([256, 512, gluon_kernel.KEY_RANGE]))
-    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range
+    pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
+    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range, pairing
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(_case(), st.integers(0, 2**31 - 1))
 def test_matches_reference(case, seed):
-    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range = case
+    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range, pairing = case
     q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, dtype, seed)
     with mock.patch.object(gluon_kernel, "KEY_RANGE", key_range):
-        _assert_matches_reference(q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal)
+        _assert_matches_reference(
+            q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal, pairing=pairing
+        )
 
 
 @pytest.mark.parametrize("key_range", [256, gluon_kernel.KEY_RANGE])

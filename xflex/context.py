@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from .attention.backends import Backend
 from .attention.flex import AttentionKernel
+from .attention.scoring import Pairing
 from .config import Config, Method
 from .stats import CallRecord, SparsityStats
 
@@ -44,6 +45,7 @@ def sparsity(
     *,
     enabled: bool | _Unset = UNSET,
     method: Method | _Unset = UNSET,
+    scorer: Pairing | _Unset = UNSET,
     threshold: float | Sequence[float] | _Unset = UNSET,
     probe_blocks: int | _Unset = UNSET,
     threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
@@ -67,6 +69,7 @@ def sparsity(
     Args:
         enabled: False runs every call as the model's own dense SDPA.
         method: "adaptive" or "antidiagonal" (see ``xflex.Config``).
+        scorer: the estimate's tile pairing, "antidiagonal" or "interleaved".
         threshold: tau in (0, 1], or one per query head.
         probe_blocks: query blocks per call that calibrate the adaptive method.
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
@@ -93,6 +96,7 @@ def sparsity(
     given = dict(
         enabled=enabled,
         method=method,
+        scorer=scorer,
         threshold=threshold,
         probe_blocks=probe_blocks,
         threshold_by_call=threshold_by_call,
