@@ -102,18 +102,28 @@ def _scoring_case(draw):
     return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, offset, mask_dims
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
-@given(_scoring_case(), st.integers(0, 2**31 - 1))
-def test_matches_reference(case, seed):
-    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, offset, mask_dims = case
+def _assert_case_matches_reference(case, seed, *, kv_len=None, **kwargs):
+    """One drawn case (``kv_len`` overrides the drawn length, bottom-right
+    alignment kept) against the reference."""
+    stride, block_size, hkv, groups, batch, q_len, drawn_kv_len, head_dim, offset, mask_dims = case
+    if kv_len is None:
+        kv_len = drawn_kv_len
+    elif offset not in (None, 0):
+        offset = kv_len - q_len
     q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, seed=seed)
     block_visible = None
     if mask_dims is not None:
         blocks = (math.ceil(q_len / block_size), math.ceil(kv_len / block_size))
         block_visible = _random_blocks((*mask_dims, *blocks), seed=seed)
     _assert_matches_reference(
-        q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=offset, block_visible=block_visible
+        q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=offset, block_visible=block_visible, **kwargs
     )
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(_scoring_case(), st.integers(0, 2**31 - 1))
+def test_matches_reference(case, seed):
+    _assert_case_matches_reference(case, seed)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
@@ -122,18 +132,8 @@ def test_keys_split_over_programs_match_reference(case, key_ranges, pairing, see
     """Rows whose keys are split over several programs (what few probe rows
     get on a GPU), including ranges past the causal diagonal or the last key
     tile that see nothing, with either pairing: the same scores as the reference."""
-    stride, block_size, hkv, groups, batch, q_len, _, head_dim, offset, mask_dims = case
-    kv_len = 1500 + seed % 700  # enough key tiles for several ranges of the interpreter's 64-tile steps
-    offset = None if offset is None else (0 if offset == 0 else kv_len - q_len)
-    q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, seed=seed)
-    block_visible = None
-    if mask_dims is not None:
-        blocks = (math.ceil(q_len / block_size), math.ceil(kv_len / block_size))
-        block_visible = _random_blocks((*mask_dims, *blocks), seed=seed)
-    _assert_matches_reference(
-        q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=offset, block_visible=block_visible,
-        key_ranges=key_ranges, pairing=pairing,
-    )  # fmt: skip
+    # Enough key tiles for several ranges of the interpreter's 64-tile steps.
+    _assert_case_matches_reference(case, seed, kv_len=1500 + seed % 700, key_ranges=key_ranges, pairing=pairing)
 
 
 @pytest.mark.parametrize("stride", [2, 4, 8, 16])
