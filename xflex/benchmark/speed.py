@@ -71,6 +71,7 @@ def run(
     head_dim: int = 128,
     threshold: float = 0.95,
     stride: int = 8,
+    scorer: str = "antidiagonal",
     backward: bool = False,
     rep_ms: int = 100,
     report: Callable[[SpeedRow], None] = lambda row: None,
@@ -112,7 +113,7 @@ def run(
             dense_ms = {name: time_ms(wrap(fn), **budget) for name, fn in dense.items()}
             for method in methods:
                 for kernel in kernels:
-                    config = Config(method=method, threshold=threshold, stride=stride, attention_kernel=kernel)
+                    config = Config(method=method, scorer=scorer, threshold=threshold, stride=stride, attention_kernel=kernel)
 
                     # Named, as the backend names a model's calls: the call site keeps a density history.
                     def sparse() -> torch.Tensor:

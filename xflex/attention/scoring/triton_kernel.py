@@ -589,7 +589,8 @@ def _triton_key_ranges(q: torch.Tensor, q_tiles: int, n_k_tiles: int) -> int:
     programs fill the GPU, else enough for two programs per SM, each range at
     least one 256-tile step. Few rows against many keys (the probe rows of the
     break-even forecast and the adaptive method) otherwise run one long loop
-    per head on a few SMs (bench/RESULTS.md, "Break-even")."""
+    per head on a few SMs (bench/RESULTS.md, "With each call site's density
+    history")."""
     if not q.is_cuda:
         return 1
     programs = q.shape[0] * q.shape[1] * triton.cdiv(q_tiles, _MAX_BLOCK_M)
