@@ -69,7 +69,9 @@ class Config:
             keeps the key blocks holding one, on top of the blocks the
             threshold keeps as without them (text only adds blocks).
         stride: antidiagonal stride S; divides ``block_size`` (8: more accurate,
-            16: faster scoring).
+            16: faster scoring; at 16 the ``"antidiagonal"`` scorer loses
+            video-like attention's worst rows, bench/RESULTS.md, "The
+            interleaved pairing").
         block_size: FlexAttention block size (fixed per compiled model).
         min_seq_len: calls whose key length is below this run dense.
         keep_sink: causal calls always keep the first key block.

@@ -117,8 +117,8 @@ def _reduced_logits(
         r = step // D_CHUNKS
         d0 = (step % D_CHUNKS) * BLOCK_K
         back = r  # the query row's distance back from the tile's last row
-        if INTERLEAVED:
-            back = STRIDE - 1 - tl.where(2 * r < STRIDE, 2 * r, 2 * r - (STRIDE - 1))
+        if INTERLEAVED:  # S-1-sigma(r), sigma(r) = 2r - (S-1) * (2r // S): integer ops only
+            back = STRIDE - 1 - 2 * r + (STRIDE - 1) * ((2 * r) // STRIDE)
         q_mask = q_lo <= back
         k_mask = k_hi > r
         if HEAD_DIM % BLOCK_K != 0:
