@@ -44,6 +44,7 @@ class Calibration:
         samples: query blocks per call whose exact attention is computed.
         recalls: per call name, one ``(len(thresholds), Hq)`` device tensor per
             call made (mean over batch and sampled query blocks).
+        scorer: the scorer the calls were measured with (the thresholds hold for it).
         seconds: wall time spent inside the ``calibration()`` block.
     """
 
@@ -51,6 +52,7 @@ class Calibration:
     thresholds: tuple[float, ...]
     samples: int
     recalls: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    scorer: str | None = None
     seconds: float = 0.0
 
     def recall_by_call(self) -> dict[str, dict[float, float]]:
@@ -82,13 +84,20 @@ class Calibration:
     @property
     def options(self) -> dict[str, object]:
         """Settings for ``xflex.sparsity(**cal.options)`` or ``torch.compile(...,
-        options=cal.options)``: the antidiagonal method with the calibrated thresholds."""
-        return {"method": "antidiagonal", "threshold_by_call": self.threshold_by_call}
+        options=cal.options)``: the antidiagonal method with the calibrated
+        thresholds and the scorer they were measured with."""
+        return {"method": "antidiagonal", "scorer": self.scorer or Config().scorer, "threshold_by_call": self.threshold_by_call}
 
     def measure(self, call_name: str, args: SdpaArgs, plan: Plan, config: Config) -> None:
         """Record one sparse call: the true attention mass inside the blocks the
         antidiagonal selection keeps at each candidate threshold, per head, on
         sampled query blocks."""
+        if self.scorer not in (None, config.scorer):
+            raise ValueError(
+                f"calibration() measured calls with scorer={self.scorer!r} and now scorer={config.scorer!r}: "
+                "its thresholds hold for one scorer; calibrate each scorer in a block of its own"
+            )
+        self.scorer = config.scorer
         pattern = plan.pattern
         # The adaptive method scores at its own temperatures: measure the plain estimate.
         scores = plan.scores if config.method == "antidiagonal" else call_scores(args.query, args.key, pattern, config, args.scale)
