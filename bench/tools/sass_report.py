@@ -91,10 +91,11 @@ def compile_for_hopper(
     kv_heads: int,
     block_mask: bool = False,
     kernel: str = "triton",
+    scorer: str = "antidiagonal",
 ):
     """``(CompiledKernel, description)`` for the scorer's first launch on a
     ``(1, heads, length, 128)`` bf16 call (with a ``block_visible`` mask when
-    ``block_mask``; Triton only), compiled for sm_90a."""
+    ``block_mask``; Triton only; the tile pairing ``scorer``), compiled for sm_90a."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -116,7 +117,7 @@ def compile_for_hopper(
         with _captured_launch(gluon_kernel.scores_kernel) as calls:
             gluon_kernel.launch(
                 q, k, scratch, row_lse, stride=stride, tiles_per_block=128 // stride, tile_start=0, chunk=rows,
-                diag_shift=0, qk_scale=0.1, causal=causal,
+                diag_shift=0, qk_scale=0.1, causal=causal, interleaved=scorer == "interleaved",
             )  # fmt: skip
         args, constexprs = calls[0]
         options = {key: constexprs.pop(key) for key in ("num_warps", "maxnreg")}
@@ -126,7 +127,7 @@ def compile_for_hopper(
     visible = torch.empty(1, 1, blocks, blocks, dtype=torch.bool, device="meta") if block_mask else None
     with _captured_launch(triton_kernel.scores_kernel) as calls, _captured_launch(triton_kernel.normalise_kernel):
         antidiagonal_block_scores_triton(
-            q, k, stride=stride, block_size=128, causal_offset=0 if causal else None, block_visible=visible
+            q, k, stride=stride, block_size=128, causal_offset=0 if causal else None, block_visible=visible, pairing=scorer
         )
     args, constexprs = calls[0]
     config = triton_kernel.CONFIGS[config_index]
@@ -194,6 +195,7 @@ def main(argv=None) -> None:
     parser.add_argument("--block-mask", action="store_true", help="with a block_visible mask (the video path)")
     parser.add_argument("--config", type=int, default=2, help="index into triton_kernel.CONFIGS (default 2: 128x256 w8 s3)")
     parser.add_argument("--kernel", choices=["triton", "gluon"], default="triton", help="which scorer (default triton)")
+    parser.add_argument("--scorer", choices=["antidiagonal", "interleaved"], default="antidiagonal", help="the tile pairing")
     parser.add_argument("--sass", metavar="FILE", help="also write the disassembly here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -202,7 +204,7 @@ def main(argv=None) -> None:
         sys.exit("the Gluon scorer has no block mask (--block-mask is for --kernel triton)")
     kernel, described = compile_for_hopper(
         args.length, args.stride, not args.non_causal, args.config, args.heads, args.kv_heads or args.heads,
-        args.block_mask, args.kernel,
+        args.block_mask, args.kernel, args.scorer,
     )
     sass = _cuobjdump(kernel.asm["cubin"], "-sass")
     if args.sass:
@@ -210,7 +212,7 @@ def main(argv=None) -> None:
             f.write(sass)
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", _cuobjdump(kernel.asm["cubin"], "-res-usage"))
     mask = ", block mask" if args.block_mask else ""
-    print(f"{described}; S={args.stride}, L={args.length}, {'non-causal' if args.non_causal else 'causal'}{mask}")
+    print(f"{described}; S={args.stride}, L={args.length}, {'non-causal' if args.non_causal else 'causal'}{mask}, {args.scorer}")
     print(f"registers {usage[1]}, stack {usage[2]} B, local (spills) {usage[3]} B, shared {kernel.metadata.shared} B")
     for kind in ("TRY_ALLOC", "DEALLOC"):  # the partitions' register budgets (setmaxnreg)
         values = sorted({int(n, 16) for n in re.findall(rf"USETMAXREG\.{kind}\S*(?: \S+,)? 0x([0-9a-f]+)", sass)})

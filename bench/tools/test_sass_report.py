@@ -47,10 +47,11 @@ def _run_tool(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     return subprocess.run(command, env=env, cwd=_REPO, capture_output=True, text=True, check=True)
 
 
-def test_scorer_compiles_to_hopper_wgmma():
+@pytest.mark.parametrize("scorer", ["antidiagonal", "interleaved"])
+def test_scorer_compiles_to_hopper_wgmma(scorer):
     # A fresh process: this suite runs Triton's interpreter, which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = ["--length", "8200", "--heads", "4", "--kv-heads", "2", "--block-mask"]
+    args = ["--length", "8200", "--heads", "4", "--kv-heads", "2", "--block-mask", "--scorer", scorer]
     report = _run_tool(args, env)
     assert "HGMMA loop:" in report.stdout, "the reduction loop should issue HGMMA (wgmma), not HMMA"
     assert "key-tile loop:" in report.stdout
