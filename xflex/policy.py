@@ -14,14 +14,14 @@ from .config import Config
 from .planning import Plan, probe_density
 
 __all__ = [
-    "BreakEven",
-    "MEASURED_BREAK_EVEN",
-    "break_even",
     "ANONYMOUS_CALL",
+    "BreakEven",
     "DENSITY_HISTORY",
     "DensityCheck",
     "DensityHistory",
+    "MEASURED_BREAK_EVEN",
     "RECHECK_EVERY",
+    "break_even",
     "dense_reason",
     "device_kind",
 ]

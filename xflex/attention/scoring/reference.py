@@ -15,7 +15,7 @@ diagonal q = k itself, cross no product of any tile. The ``"interleaved"``
 pairing (query ``2r``, then ``2r-(S-1)``: the perfect shuffle) has offsets
 ``0..S/2-1`` and ``-(S/2-1)..0``: every residue mod S but S/2, each once per
 S rows, where the antidiagonal has its odd ones twice (bench/RESULTS.md,
-"Selection quality").
+"The interleaved pairing").
 """
 
 from __future__ import annotations
