@@ -34,6 +34,7 @@ import tempfile
 import torch
 
 from bench.scoring import describe
+from xflex.attention.scoring import PAIRINGS
 
 _HEAD_DIM = 128
 _TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.bool: "*i1"}
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
     parser.add_argument("--block-mask", action="store_true", help="with a block_visible mask (the video path)")
     parser.add_argument("--config", type=int, default=2, help="index into triton_kernel.CONFIGS (default 2: 128x256 w8 s3)")
     parser.add_argument("--kernel", choices=["triton", "gluon"], default="triton", help="which scorer (default triton)")
-    parser.add_argument("--scorer", choices=["antidiagonal", "interleaved"], default="antidiagonal", help="the tile pairing")
+    parser.add_argument("--scorer", choices=PAIRINGS, default="antidiagonal", help="the tile pairing")
     parser.add_argument("--sass", metavar="FILE", help="also write the disassembly here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

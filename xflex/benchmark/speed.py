@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..attention import attention_kernel
+from ..attention.scoring import Pairing
 from ..config import Config
 from ..context import sparsity
 from ..op import sparse_sdpa
@@ -71,7 +72,7 @@ def run(
     head_dim: int = 128,
     threshold: float = 0.95,
     stride: int = 8,
-    scorer: str = "antidiagonal",
+    scorer: Pairing = "antidiagonal",
     backward: bool = False,
     rep_ms: int = 100,
     report: Callable[[SpeedRow], None] = lambda row: None,
