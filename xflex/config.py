@@ -44,10 +44,11 @@ class Config:
         enabled: run attention block-sparse (False: every call runs dense SDPA).
         method: ``"adaptive"`` or ``"antidiagonal"`` (see :data:`Method`).
         scorer: which products of each ``S x S`` tile the estimate sums:
-            ``"antidiagonal"`` (XAttention's; its query - key offsets are all
-            odd, so the diagonal and slash lines at even offsets are never
-            seen) or ``"interleaved"`` (offsets of every residue mod S but S/2;
-            ``xflex.attention.scoring.paired_query_rows``). Same cost.
+            ``"interleaved"`` (the default: query - key offsets of every
+            residue mod S but S/2; ``xflex.attention.scoring.paired_query_rows``)
+            or ``"antidiagonal"`` (XAttention's; its offsets are all odd, so
+            the diagonal and slash lines at even offsets are never seen).
+            Same cost; bench/RESULTS.md, "The interleaved pairing".
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"antidiagonal"``); 1.0 keeps every visible block.
@@ -100,7 +101,7 @@ class Config:
 
     enabled: bool = True
     method: Method = "antidiagonal"
-    scorer: Pairing = "antidiagonal"
+    scorer: Pairing = "interleaved"
     threshold: Threshold = 0.98
     probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
