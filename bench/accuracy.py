@@ -9,8 +9,8 @@ against the oracle) is ``bench/selection_quality.py``'s job.
 
     python -m bench.accuracy --quick                 # one text, one length, one depth
     python -m bench.accuracy --texts gpl3 argparse pydoc --lengths 4096 7000 --depths 0.1 0.5 0.9
-    python -m bench.accuracy --settings dense antidiagonal:0.9 adaptive:0.95 --out table.md
-    python -m bench.accuracy --settings antidiagonal:0.98 antidiagonal+interleaved:0.98   # METHOD+SCORER
+    python -m bench.accuracy --settings dense threshold:0.9 adaptive:0.95 --out table.md
+    python -m bench.accuracy --settings threshold:0.98 threshold+antidiagonal:0.98   # METHOD+SCORER
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from bench import texts
+from bench.common import DEFAULT_SCORER, setting_name
 from xflex import demo
 
 QUICK = dict(texts=["gpl3"], lengths=[4096], depths=[0.5])
-DEFAULT_SETTINGS = ["antidiagonal:0.9", "antidiagonal:0.95", "adaptive:0.9", "adaptive:0.95"]
+DEFAULT_SETTINGS = ["threshold:0.9", "threshold:0.95", "adaptive:0.9", "adaptive:0.95"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Setting:
 
     method: str
     threshold: float
-    scorer: str = "antidiagonal"
+    scorer: str = DEFAULT_SCORER
 
     @staticmethod
     def parse(text: str) -> Setting:
@@ -51,12 +52,11 @@ class Setting:
             raise argparse.ArgumentTypeError(
                 f"expected METHOD[+SCORER]:THRESHOLD with METHOD in {METHODS} and SCORER in {PAIRINGS}, but got {text!r}"
             )
-        return Setting(method, float(threshold), scorer or "antidiagonal")
+        return Setting(method, float(threshold), scorer or DEFAULT_SCORER)
 
     @property
     def name(self) -> str:
-        scorer = "" if self.scorer == "antidiagonal" else f"+{self.scorer}"
-        return f"{self.method}{scorer} {self.threshold:g}"
+        return f"{setting_name(self.method, self.scorer)} {self.threshold:g}"
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
-"""Helpers every GPU benchmark shares: timing and the best dense SDPA measured
-in the same run (``xflex.benchmark.timing``, also used by ``xflex bench``),
-and peak memory."""
+"""Helpers the benchmarks share: timing and the best dense SDPA measured in
+the same run (``xflex.benchmark.timing``, also used by ``xflex bench``), peak
+GPU memory, and the names of selection settings in tables."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ from collections.abc import Callable
 import torch
 
 from xflex.benchmark.timing import best_dense_sdpa, dense_sdpa, time_ms
+from xflex.config import Config
 
-__all__ = ["best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "time_ms"]
+__all__ = ["best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
+
+DEFAULT_SCORER = Config().scorer
+
+
+def setting_name(method: str, scorer: str) -> str:
+    """A selection setting as the bench tables name it: the method, and
+    ``+scorer`` where the scorer is not the default (``"threshold+antidiagonal"``)."""
+    return method if scorer == DEFAULT_SCORER else f"{method}+{scorer}"
 
 
 def peak_extra_mib(fn: Callable[[], object], baseline: int | None = None) -> float:

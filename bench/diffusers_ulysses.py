@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, rendezvous: str, threshold: float) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     model, inputs = _wan()
-    settings = dict(threshold=threshold, method="antidiagonal")
+    settings = dict(threshold=threshold, method="threshold")
     with torch.no_grad(), xflex.sparsity(**settings):
         single = torch.compile(model, backend="xattn", options=_OPTIONS)(**inputs, return_dict=False)[0]
     torch._dynamo.reset()

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--text-bonus", type=float, nargs="+", default=[0.0, 4.0, 8.0])
     parser.add_argument("--hot-bonus", type=float, nargs="+", default=[0.0, 6.0])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
-    parser.add_argument("--methods", nargs="+", default=["adaptive", "antidiagonal"], choices=["adaptive", "antidiagonal"])
+    parser.add_argument("--methods", nargs="+", default=["adaptive", "threshold"], choices=["adaptive", "threshold"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

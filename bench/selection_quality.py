@@ -29,12 +29,13 @@ import torch.nn.functional as F
 
 import xflex
 from bench import texts
+from bench.common import DEFAULT_SCORER, setting_name
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
 from xflex.attention.scoring import PAIRINGS
 
-METHODS = {"antidiagonal": (0.8, 0.9, 0.95, 0.98), "adaptive": (0.8, 0.9, 0.95, 0.98)}
+METHODS = {"threshold": (0.8, 0.9, 0.95, 0.98), "adaptive": (0.8, 0.9, 0.95, 0.98)}
 
 
 @dataclasses.dataclass
@@ -69,10 +70,10 @@ def measure(
     stride: int,
     samples: int,
     methods: dict[str, tuple[float, ...]] = METHODS,
-    scorers: tuple[str, ...] = ("antidiagonal",),
+    scorers: tuple[str, ...] = (DEFAULT_SCORER,),
 ) -> list[Point]:
     """Every method and threshold of ``methods``, with each scorer, on one call
-    (methods with another scorer than the antidiagonal are named ``method+scorer``)."""
+    (named by ``bench.common.setting_name``)."""
     config = xflex.Config(block_size=128, min_seq_len=0, stride=stride)
     n_q = math.ceil(q.shape[2] / config.block_size)
     rows = evaluation_blocks(n_q, samples, config.probe_blocks, causal)
@@ -82,7 +83,7 @@ def measure(
     points = []
     for scorer in scorers:
         for method, thresholds in methods.items():
-            name = method if scorer == "antidiagonal" else f"{method}+{scorer}"
+            name = setting_name(method, scorer)
             for threshold in thresholds:
                 run = dataclasses.replace(config, method=method, threshold=threshold, scorer=scorer)
                 selected = xflex.plan(q, k, is_causal=causal, config=run).selected[:, :, rows]
@@ -178,7 +179,7 @@ def plot(title: str, points: list[Point], path: Path) -> None:
         demo.log("matplotlib not installed: plot skipped (pip install 'xflex[bench]')")
         return
     fig, axis = plt.subplots(figsize=(5.5, 4.2))
-    for method, marker in (("antidiagonal", "o"), ("adaptive", "s")):
+    for method, marker in (("threshold", "o"), ("adaptive", "s")):
         group = [row for row in summary(points) if row[0].startswith(method)]
         axis.plot([r[4] for r in group], [r[1] for r in group], marker=marker, label=method)
         axis.plot([r[5] for r in group], [r[1] for r in group], marker=marker, linestyle=":", color="gray", alpha=0.7)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--texts", nargs="+", default=["gpl3", "argparse", "pydoc"], choices=list(texts.TEXTS))
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--stride", type=int, default=8)
-    parser.add_argument("--scorers", nargs="+", default=["antidiagonal"], choices=list(PAIRINGS), help="the estimate's tile pairing(s)")
+    parser.add_argument("--scorers", nargs="+", default=[DEFAULT_SCORER], choices=list(PAIRINGS), help="the estimate's tile pairing(s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")
     parser.add_argument("--device", default="cpu")

@@ -155,13 +155,13 @@ def test_adaptive_keeps_more_true_mass_than_the_plain_estimate_on_hot_keys():
     rows = list(range(4, 24, 3))  # not probe rows (the last four)
     mass = sampled_block_mass(q, k, None, True, None, 64, rows)
     results = {}
-    for method in ("antidiagonal", "adaptive"):
+    for method in ("threshold", "adaptive"):
         config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, method=method)
         selected = xflex.plan(q, k, is_causal=True, config=config).selected[:, :, rows]
         visible = torch.tensor([r + 1 for r in rows], dtype=torch.float32)
         results[method] = ((mass * selected).sum(-1).mean().item(), (selected.sum(-1) / visible).mean().item())
     print(results)
-    (plain_recall, plain_density), (adaptive_recall, adaptive_density) = results["antidiagonal"], results["adaptive"]
+    (plain_recall, plain_density), (adaptive_recall, adaptive_density) = results["threshold"], results["adaptive"]
     assert adaptive_recall >= 0.9 > plain_recall or adaptive_density < plain_density
 
 
@@ -174,7 +174,7 @@ def test_dense_row_blocks_keeps_short_rows_whole():
     i = torch.arange(2048)
     sliding = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window))[None, None]
     for mask, causal in ((sliding, False), (None, True)):
-        config = xflex.Config(block_size=64, min_seq_len=0, threshold=0.3, method="antidiagonal", dense_row_blocks=8)
+        config = xflex.Config(block_size=64, min_seq_len=0, threshold=0.3, method="threshold", dense_row_blocks=8)
         plan = xflex.plan(q, k, mask, causal, config=config)
         visible = plan.visible
         short = visible.sum(-1) <= 8

@@ -86,7 +86,7 @@ def test_calibration_picks_per_call_the_smallest_threshold_reaching_the_target()
             xflex.sparse_sdpa(x, x, x, is_causal=True, config=CONFIG, name=name)
     recalls = cal.recall_by_call_and_head()
     assert set(recalls) == {"flat", "peaky"} and set(cal.recall_by_call()) == {"flat", "peaky"}
-    assert cal.seconds > 0 and cal.options["method"] == "antidiagonal" and cal.options["scorer"] == CONFIG.scorer == "interleaved"
+    assert cal.seconds > 0 and cal.options["method"] == "threshold" and cal.options["scorer"] == CONFIG.scorer == "interleaved"
     for name, heads in recalls.items():
         chosen = cal.threshold_by_call[name]
         chosen = chosen if isinstance(chosen, tuple) else (chosen,) * len(heads)
@@ -103,7 +103,7 @@ def test_recall_agrees_with_an_independent_count():
     _, x = _peaky_and_flat_inputs()
     with xflex.calibration(thresholds=(0.6,), samples=4) as cal:
         xflex.sparse_sdpa(x, x, x, is_causal=True, config=CONFIG, name="call")
-    reference_config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.6, method="antidiagonal")
+    reference_config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.6, method="threshold")
     selected = xflex.plan(x, x, is_causal=True, config=reference_config).selected
     q_blocks = sample_query_blocks(selected.shape[2], 4)
     mass = _reference_block_mass(x, x, torch.ones(512, 512, dtype=torch.bool).tril(), 0.25, 64, q_blocks)

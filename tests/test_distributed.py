@@ -149,12 +149,12 @@ def _worker(rank: int, world: int, rendezvous: str) -> None:
     try:
         _error_cases(rank, world)
         _dense_plumbing_cases(rank, world)
-        _sparse_case(rank, world, threshold=0.5, method="antidiagonal", even=True)
-        _sparse_case(rank, world, threshold=0.9, method="antidiagonal", even=False)
+        _sparse_case(rank, world, threshold=0.5, method="threshold", even=True)
+        _sparse_case(rank, world, threshold=0.9, method="threshold", even=False)
         _sparse_case(rank, world, threshold=0.5, method="adaptive", even=False)
         _sparse_case(rank, world, threshold=0.9, method="adaptive", even=True)
         _sparse_case(rank, world, threshold=1.0, method="adaptive", even=False)
-        _sparse_case(rank, world, threshold=0.5, method="antidiagonal", even=True, hkv=1)
+        _sparse_case(rank, world, threshold=0.5, method="threshold", even=True, hkv=1)
         _sparse_case(rank, world, threshold=0.5, method="adaptive", even=False, per_head=True)
         _context_parallel_case(rank, world)
     finally:

@@ -43,7 +43,7 @@ def test_flash_kernel_computes_exactly_the_selected_blocks(causal, heads, kv_hea
     q = torch.randn(1, heads, length, head_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, kv_heads, length, head_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, kv_heads, length, head_dim, generator=gen, device="cuda", dtype=torch.bfloat16)
-    config = xflex.Config(method="antidiagonal", threshold=0.6, min_seq_len=0, break_even=False, attention_kernel="flash")
+    config = xflex.Config(method="threshold", threshold=0.6, min_seq_len=0, break_even=False, attention_kernel="flash")
     plan = xflex.plan(q, k, is_causal=causal, config=config)
     assert plan.kernel == "flash"
     density = plan.density()

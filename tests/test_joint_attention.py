@@ -82,7 +82,7 @@ def _local_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_sink_block_kept_in_every_row_only_for_causal_masks(name):
     mask = _masks()[name]
     q, k = _local_inputs()
-    options = dict(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0, method="antidiagonal", threshold=0.5)
+    options = dict(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0, method="threshold", threshold=0.5)
     plan = xflex.plan(q, k, mask, config=xflex.Config(**options))
     without_sink = xflex.plan(q, k, mask, config=xflex.Config(**options, keep_sink=False))
     rows = plan.visible[..., 0]  # rows that see key block 0
@@ -117,11 +117,11 @@ def test_text_token_blocks_are_the_blocks_holding_text(text_tokens, blocks):
 
 
 def _text_config(**options) -> xflex.Config:
-    base = dict(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0, method="antidiagonal", threshold=0.5)
+    base = dict(block_size=BLOCK, min_seq_len=0, dense_row_blocks=0, method="threshold", threshold=0.5)
     return xflex.Config.from_options({**base, **options})
 
 
-@pytest.mark.parametrize("method", ["antidiagonal", "adaptive"])
+@pytest.mark.parametrize("method", ["threshold", "adaptive"])
 def test_text_blocks_are_added_to_the_cut_made_without_them(method):
     """Text rows and columns are computed whole, on top of the selection the
     call makes without ``text_tokens_by_call`` (a superset: text only adds)."""

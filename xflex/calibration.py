@@ -1,4 +1,4 @@
-"""Offline calibration for the ``"antidiagonal"`` method: measure, on a few
+"""Offline calibration for the ``"threshold"`` method: measure, on a few
 of the user's own inputs, how much of the true attention mass each call's
 selection keeps at several thresholds, per query head, and pick per call and
 head the smallest threshold that keeps enough (``threshold_by_call``).
@@ -8,7 +8,7 @@ layers 3-10 keep 0.68-0.77 of the mass at tau 0.9 where others keep 0.9+,
 bench/RESULTS.md, "Selection quality"); one global tau either starves them
 or wastes blocks everywhere else. The ``"adaptive"`` method makes this choice
 per call at run time instead; calibration makes it once, so that the cheaper
-``"antidiagonal"`` method runs with it.
+``"threshold"`` method runs with it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _ACTIVE: contextvars.ContextVar[tuple[Calibration, ...]] = contextvars.ContextVa
 
 @dataclasses.dataclass
 class Calibration:
-    """Recall of each sparse call's antidiagonal selection at each candidate
+    """Recall of each sparse call's threshold selection at each candidate
     threshold, per query head.
 
     Attributes:
@@ -84,13 +84,13 @@ class Calibration:
     @property
     def options(self) -> dict[str, object]:
         """Settings for ``xflex.sparsity(**cal.options)`` or ``torch.compile(...,
-        options=cal.options)``: the antidiagonal method with the calibrated
+        options=cal.options)``: the threshold method with the calibrated
         thresholds and the scorer they were measured with."""
-        return {"method": "antidiagonal", "scorer": self.scorer or Config().scorer, "threshold_by_call": self.threshold_by_call}
+        return {"method": "threshold", "scorer": self.scorer or Config().scorer, "threshold_by_call": self.threshold_by_call}
 
     def measure(self, call_name: str, args: SdpaArgs, plan: Plan, config: Config) -> None:
         """Record one sparse call: the true attention mass inside the blocks the
-        antidiagonal selection keeps at each candidate threshold, per head, on
+        threshold selection keeps at each candidate threshold, per head, on
         sampled query blocks."""
         if self.scorer not in (None, config.scorer):
             raise ValueError(
@@ -100,7 +100,7 @@ class Calibration:
         self.scorer = config.scorer
         pattern = plan.pattern
         # The adaptive method scores at its own temperatures: measure the plain estimate.
-        scores = plan.scores if config.method == "antidiagonal" else call_scores(args.query, args.key, pattern, config, args.scale)
+        scores = plan.scores if config.method == "threshold" else call_scores(args.query, args.key, pattern, config, args.scale)
         q_blocks = sample_query_blocks(scores.shape[2], self.samples)
         mass = sampled_block_mass(
             args.query, args.key, args.attn_mask, args.is_causal, args.scale, config.block_size, q_blocks

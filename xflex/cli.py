@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=defaults.threshold)
     bench.add_argument("--stride", type=int, default=defaults.stride)
     bench.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    bench.add_argument(
+        "--no-break-even", dest="break_even", action="store_false",
+        help="run every call sparse (to measure the break-even: xflex.policy.MEASURED_BREAK_EVEN)",
+    )
     bench.add_argument("--out", type=Path, help="also write the table to this markdown file")
     bench.add_argument("--plot", type=Path, help="write a PNG of speed-up against length (needs matplotlib)")
     bench.set_defaults(run=_run_bench)
@@ -235,14 +239,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     direction = ", forward + backward" if args.backward else ""
     print(
         f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
-        f"S={args.stride}, scorer {args.scorer}{direction}",
+        f"S={args.stride}, scorer {args.scorer}{direction}{'' if args.break_even else ', no break-even'}",
         flush=True,
     )
     print(speed.HEADER, flush=True)
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
-        threshold=args.threshold, stride=args.stride, scorer=args.scorer, backward=args.backward,
-        report=lambda row: print(speed.markdown_row(row), flush=True),
+        threshold=args.threshold, stride=args.stride, scorer=args.scorer, break_even=args.break_even,
+        backward=args.backward, report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:
         args.out.write_text(speed.markdown_table(rows) + "\n")

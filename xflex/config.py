@@ -26,8 +26,8 @@ _BLOCK_SIZES = (32, 64, 128, 256)
 Threshold = float | tuple[float, ...]
 """One tau for every query head, or one per query head."""
 
-Method = Literal["adaptive", "antidiagonal"]
-"""How blocks are chosen. ``"antidiagonal"``: XAttention's rule, each query
+Method = Literal["adaptive", "threshold"]
+"""How blocks are chosen. ``"threshold"``: XAttention's rule, each query
 block keeps the fewest key blocks whose *estimated* mass reaches ``threshold``.
 ``"adaptive"``: the same estimate, but per head the threshold and scorer
 temperature are chosen, on a few probe query blocks whose exact attention is
@@ -42,7 +42,7 @@ class Config:
 
     Attributes:
         enabled: run attention block-sparse (False: every call runs dense SDPA).
-        method: ``"adaptive"`` or ``"antidiagonal"`` (see :data:`Method`).
+        method: ``"threshold"`` or ``"adaptive"`` (see :data:`Method`).
         scorer: which products of each ``S x S`` tile the estimate sums:
             ``"interleaved"`` (the default: query - key offsets of every
             residue mod S but S/2; ``xflex.attention.scoring.paired_query_rows``)
@@ -51,7 +51,7 @@ class Config:
             Same cost; bench/RESULTS.md, "The interleaved pairing".
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
-            in every row (``"antidiagonal"``); 1.0 keeps every visible block.
+            in every row (``"threshold"``); 1.0 keeps every visible block.
             A sequence gives one value per query head.
         probe_blocks: query blocks per call whose exact attention calibrates
             the ``"adaptive"`` method, and on which the break-even forecast
@@ -100,7 +100,7 @@ class Config:
     """
 
     enabled: bool = True
-    method: Method = "antidiagonal"
+    method: Method = "threshold"
     scorer: Pairing = "interleaved"
     threshold: Threshold = 0.98
     probe_blocks: int = 4

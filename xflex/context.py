@@ -68,7 +68,7 @@ def sparsity(
 
     Args:
         enabled: False runs every call as the model's own dense SDPA.
-        method: "adaptive" or "antidiagonal" (see ``xflex.Config``).
+        method: "threshold" or "adaptive" (see ``xflex.Config``).
         scorer: the estimate's tile pairing, "antidiagonal" or "interleaved".
         threshold: tau in (0, 1], or one per query head.
         probe_blocks: query blocks per call that calibrate the adaptive method.

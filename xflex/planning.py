@@ -342,7 +342,7 @@ def probe_density(
     *,
     scale: float | None = None,
 ) -> float:
-    """The density (kept / visible blocks) of the antidiagonal selection on
+    """The density (kept / visible blocks) of the threshold selection on
     ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`):
     a forecast of the whole call's density at a few rows' scoring cost.
 

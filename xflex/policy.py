@@ -49,8 +49,9 @@ class BreakEven:
 # density check comes after scoring, so it falls back when attending the
 # selection costs more than dense attention: density > the kernel's cost per
 # block relative to cuDNN. Triton: 0.62-0.71 at densities >= 0.5, so 0.6.
-# FLASH: about 1 (the whole op ran 0.99-1.12x of dense at densities 0.91-0.98
-# from 32K keys), so no density fallback. At 8K keys the op ran at 0.71-1.01x
+# FLASH: 1.0-1.26, less a scoring share of 7-25%: swept without the table at
+# 16K-64K keys, it ran 1.03-1.86x of dense up to density 0.90 and 0.96-1.07x
+# at 0.93-0.99, so 0.92 (a dense call runs 0.98-1.02x). At 8K keys the op ran at 0.71-1.01x
 # of dense on LLM-like input and 2.3-3.3x at 32K: calls below 16K keys run
 # dense. GPU kinds not listed: only min_seq_len decides. Before scoring, the
 # selection's density on a few probe rows forecasts selections that would
@@ -204,7 +205,7 @@ class DensityCheck:
     paid is scored and attended without waiting for the GPU, its density read
     back for the next call. A site without history, or due a re-check,
     forecasts the density from ``config.probe_blocks`` probe query blocks
-    (antidiagonal method; one synchronisation) and checks the whole selection
+    (threshold method; one synchronisation) and checks the whole selection
     after scoring (another).
 
     Example:
@@ -245,7 +246,7 @@ class DensityCheck:
             site.dense_runs += 1
             return self._above("this call site's last selection", last, f"; re-checked every {RECHECK_EVERY} calls")
         site.dense_runs = 0
-        if self._config.method != "antidiagonal":  # the probes replay the antidiagonal rule only
+        if self._config.method != "threshold":  # the probes replay the threshold rule only
             return None
         args = self._args
         density = probe_density(args.query, args.key, pattern, self._config, self._call_name, scale=args.scale)

@@ -2,7 +2,7 @@
 GPU: the CUDA kernels of one call by total time, their launch counts, and the
 host time of the call, under ``torch.profiler``.
 
-    python -m bench.tools.profile_plan --families llm video --lengths 32768 65536 --methods antidiagonal adaptive
+    python -m bench.tools.profile_plan --families llm video --lengths 32768 65536 --methods threshold adaptive
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=["llm"], choices=list(FAMILIES))
     parser.add_argument("--lengths", nargs="+", type=int, default=[32768])
-    parser.add_argument("--methods", nargs="+", default=["antidiagonal", "adaptive"])
+    parser.add_argument("--methods", nargs="+", default=["threshold", "adaptive"])
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

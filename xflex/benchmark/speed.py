@@ -65,14 +65,15 @@ def run(
     families: Sequence[str],
     lengths: Sequence[int],
     *,
-    methods: Sequence[str] = ("antidiagonal",),
+    methods: Sequence[str] = ("threshold",),
     kernels: Sequence[str] = ("auto",),
     heads: int = 32,
     kv_heads: int = 8,
     head_dim: int = 128,
     threshold: float = 0.95,
     stride: int = 8,
-    scorer: Pairing = "antidiagonal",
+    scorer: Pairing = Config.scorer,
+    break_even: bool = True,
     backward: bool = False,
     rep_ms: int = 100,
     report: Callable[[SpeedRow], None] = lambda row: None,
@@ -86,7 +87,7 @@ def run(
     times the first call's forecast.
 
     Example:
-        >>> rows = run(["llm"], [32768], methods=["antidiagonal", "adaptive"])   # doctest: +SKIP
+        >>> rows = run(["llm"], [32768], methods=["threshold", "adaptive"])   # doctest: +SKIP
         >>> print(markdown_table(rows))                                         # doctest: +SKIP
     """
     from torch.nn.attention import SDPBackend
@@ -114,7 +115,10 @@ def run(
             dense_ms = {name: time_ms(wrap(fn), **budget) for name, fn in dense.items()}
             for method in methods:
                 for kernel in kernels:
-                    config = Config(method=method, scorer=scorer, threshold=threshold, stride=stride, attention_kernel=kernel)
+                    config = Config(
+                        method=method, scorer=scorer, threshold=threshold, stride=stride, attention_kernel=kernel,
+                        break_even=break_even,
+                    )  # fmt: skip
 
                     # Named, as the backend names a model's calls: the call site keeps a density history.
                     def sparse() -> torch.Tensor:
