@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='per-layer taus, e.g. \'{"model.layers.3.self_attn": 0.99}\' (fnmatch patterns; see bench/RESULTS.md)',
     )
-    demo.add_argument("--stride", type=int, default=defaults.stride, help=f"antidiagonal stride (default {defaults.stride})")
+    demo.add_argument("--stride", type=int, default=defaults.stride, help=f"the estimate's stride S (default {defaults.stride})")
     demo.add_argument(
         "--block-size", type=int, default=defaults.block_size, choices=_BLOCK_SIZES, help=f"block size (default {defaults.block_size})"
     )

@@ -69,7 +69,7 @@ class Config:
             text token keeps every visible key block, and every query block
             keeps the key blocks holding one, on top of the blocks the
             threshold keeps as without them (text only adds blocks).
-        stride: antidiagonal stride S; divides ``block_size`` (8: more accurate,
+        stride: the estimate's stride S (tile side); divides ``block_size`` (8: more accurate,
             16: faster scoring; at 16 the ``"antidiagonal"`` scorer loses
             video-like attention's worst rows, bench/RESULTS.md, "The
             interleaved pairing").

@@ -75,7 +75,7 @@ def sparsity(
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
         text_tokens_by_call: ``{call-name pattern: n}``: joint-attention calls
             whose first ``n`` (``n < 0``: last ``-n``) tokens are text, kept dense.
-        stride: antidiagonal stride, a divisor of the block size.
+        stride: the estimate's stride S, a divisor of the block size.
         min_seq_len: calls with fewer keys run dense.
         keep_sink: causal calls always keep key block 0.
         keep_recent: tokens before each query whose blocks are always kept.

@@ -58,7 +58,7 @@ class Plan:
 
     Attributes:
         pattern: the call's mask at block level (mask_mod, score_mod, visibility).
-        scores: ``(B, Hq, nQ, nK)`` fp32 antidiagonal block scores.
+        scores: ``(B, Hq, nQ, nK)`` fp32 block scores (the strided estimate).
         blocks: the selection and its FlexAttention layout.
         block_size: the BlockMask's block size.
         scale: the call's softmax scale (None: ``1/sqrt(E)``).
@@ -146,7 +146,7 @@ def call_scores(
     q_blocks: Sequence[int] | None = None,
     temperatures: Sequence[float] | None = None,
 ) -> torch.Tensor:
-    """Stage 1 for one call: antidiagonal block scores under its mask.
+    """Stage 1 for one call: block scores (the strided estimate) under its mask.
 
     Args:
         query, key: the call's (``query`` may be scaled per head: a temperature).

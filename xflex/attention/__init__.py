@@ -3,7 +3,7 @@ package imports nothing of the rest of xflex but ``xflex.torch_internals``):
 
     sdpa_args   the call's arguments, validated      -> SdpaArgs
     pattern     what its mask means at block level   -> CallPattern (masks: mask_mod / score_mod)
-    scoring     antidiagonal block scores            -> (B, Hq, nQ, nK) fp32
+    scoring     strided block-score estimate         -> (B, Hq, nQ, nK) fp32
     selection   threshold cut + forced blocks        -> KVBlocks
     block_mask  FlexAttention's BlockMask            -> BlockMask
     flex        compiled FlexAttention               -> output
