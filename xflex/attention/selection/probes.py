@@ -2,12 +2,12 @@
 at once, on a few probe query blocks whose exact attention is known, and the
 cheapest setting per head that keeps a target share of the true mass there.
 
-The antidiagonal estimate is right about which blocks matter on smooth
-attention and wrong on spiky attention: a hot key is one of S products in a
-reduced tile's mean, so its tile's estimated mass is diluted, and the
-antidiagonals of an S x S tile only cross diagonals q - k of one parity, so
-slash lines at the other parity are never seen (bench/RESULTS.md, "Selection
-quality"). No single threshold or temperature fits both (a sharper
+The strided estimate is right about which blocks matter on smooth attention
+and wrong on spiky attention: a hot key is one of S products in a reduced
+tile's mean, so its tile's estimated mass is diluted, and a tile's pairing
+of rows crosses only some diagonals q - k (the antidiagonal: odd offsets
+only; the interleaved pairing: every residue but S/2), so slash lines at the
+others are never seen (bench/RESULTS.md, "Selection quality"). No single threshold or temperature fits both (a sharper
 temperature finds hot keys and over-trusts smooth rows). Measuring the
 estimate against the truth on a few rows of the call itself does.
 """
