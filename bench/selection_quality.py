@@ -35,7 +35,7 @@ from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
 from xflex.attention.scoring import PAIRINGS
 
-METHODS = {"threshold": (0.8, 0.9, 0.95, 0.98), "adaptive": (0.8, 0.9, 0.95, 0.98)}
+METHODS = {"threshold": (0.8, 0.9, 0.95, 0.98, 0.99), "adaptive": (0.8, 0.9, 0.95, 0.98)}
 
 
 @dataclasses.dataclass

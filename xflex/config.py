@@ -102,7 +102,7 @@ class Config:
     enabled: bool = True
     method: Method = "threshold"
     scorer: Pairing = "interleaved"
-    threshold: Threshold = 0.98
+    threshold: Threshold = 0.99
     probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     text_tokens_by_call: tuple[tuple[str, int], ...] = ()
