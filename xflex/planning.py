@@ -46,6 +46,7 @@ __all__ = [
     "call_scores",
     "call_selection",
     "call_text_blocks",
+    "density_of_counts",
     "plan",
     "probe_calibration",
     "probe_density",
@@ -98,9 +99,13 @@ class Plan:
         """``(B, Hq, nQ, nK)`` bool: the blocks the call's mask leaves visible."""
         return self.pattern.visibility.any.expand_as(self.blocks.selected)
 
+    def block_counts(self) -> torch.Tensor:
+        """``[computed, visible]`` block counts, int64 on the scores' device (no host sync)."""
+        return torch.stack([self.selected.sum(), self.visible.sum()])
+
     def density(self) -> float:
         """Computed / visible blocks (one host sync)."""
-        return self.selected.sum().item() / max(1, self.visible.sum().item())
+        return density_of_counts(self.block_counts())
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, return_lse: bool = False
@@ -134,6 +139,12 @@ class Plan:
             kernel=self.kernel,
             return_lse=return_lse,
         )
+
+
+def density_of_counts(counts: torch.Tensor) -> float:
+    """Computed / visible blocks from :meth:`Plan.block_counts` (a host sync if on a GPU)."""
+    computed, visible = counts.tolist()
+    return computed / max(1, visible)
 
 
 def call_scores(

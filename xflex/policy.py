@@ -11,7 +11,7 @@ import torch
 
 from .attention import CallPattern, KernelName, SdpaArgs, attention_kernel
 from .config import Config
-from .planning import Plan, probe_density
+from .planning import Plan, density_of_counts, probe_density
 
 __all__ = [
     "ANONYMOUS_CALL",
@@ -141,15 +141,14 @@ class _CallSite:
         if self._pending is not None:
             counts, event = self._pending
             if event is None or event.query():
-                self.density = counts[0].item() / max(1, counts[1].item())
+                self.density = density_of_counts(counts)
                 self._pending = None
         return self.density
 
     def record(self, density: float) -> None:
         self.density, self._pending = density, None
 
-    def record_async(self, selected: torch.Tensor, visible: torch.Tensor) -> None:
-        counts = torch.stack([selected.sum(), visible.sum()])
+    def record_async(self, counts: torch.Tensor) -> None:
         if not counts.is_cuda:
             self._pending = (counts, None)
             return
@@ -258,7 +257,7 @@ class DensityCheck:
         if self._site is None:
             return None
         if not self._wait_for_density:
-            self._site.record_async(plan.selected, plan.visible)
+            self._site.record_async(plan.block_counts())
             return None
         density = plan.density()
         self._site.record(density)
