@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--scorer", default=defaults.scorer, choices=PAIRINGS, help=scorer_help)
     bench.add_argument("--threshold", type=float, default=defaults.threshold)
     bench.add_argument("--stride", type=int, default=defaults.stride)
+    bench.add_argument("--sharpness", type=float, default=None, help="scale every family's planted bonuses (default: each family's own)")
     bench.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     bench.add_argument(
         "--no-break-even", dest="break_even", action="store_false",
@@ -239,13 +240,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     direction = ", forward + backward" if args.backward else ""
     print(
         f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
-        f"S={args.stride}, scorer {args.scorer}{direction}{'' if args.break_even else ', no break-even'}",
+        f"S={args.stride}, scorer {args.scorer}{direction}{'' if args.break_even else ', no break-even'}"
+        f"{'' if args.sharpness is None else f', sharpness {args.sharpness:g}'}",
         flush=True,
     )
     print(speed.HEADER, flush=True)
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
-        threshold=args.threshold, stride=args.stride, scorer=args.scorer, break_even=args.break_even,
+        threshold=args.threshold, stride=args.stride, scorer=args.scorer, sharpness=args.sharpness, break_even=args.break_even,
         backward=args.backward, report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:

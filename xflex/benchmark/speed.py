@@ -73,6 +73,7 @@ def run(
     threshold: float = 0.95,
     stride: int = 8,
     scorer: Pairing = Config.scorer,
+    sharpness: float | None = None,
     break_even: bool = True,
     backward: bool = False,
     rep_ms: int = 100,
@@ -80,7 +81,8 @@ def run(
 ) -> list[SpeedRow]:
     """Time every (family, length, method, kernel) on the current CUDA GPU.
 
-    Correctness is checked first for each family and length: at threshold 1.0
+    ``sharpness`` scales every family's planted bonuses (``make_inputs``;
+    None: each family's own). Correctness is checked first for each family and length: at threshold 1.0
     the op must equal cuDNN SDPA to bf16 tolerance. The op is timed as a
     repeated call of one named call site, so from its second call its density
     history decides (``xflex.policy.DensityCheck``); ``bench.tools.time_probes``
@@ -97,7 +99,8 @@ def run(
     for family in families:
         causal = FAMILIES[family].causal
         for length in lengths:
-            q, k, v = make_inputs(family, length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+            shape = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+            q, k, v = make_inputs(family, length, **shape, **({} if sharpness is None else dict(sharpness=sharpness)))
             if backward:
                 q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
             grad = torch.randn_like(q) if backward else None
