@@ -407,6 +407,7 @@ def plan(
         :class:`Plan`; ``plan.attend(q, k, v)`` runs the attention.
 
     Example:
+        >>> import xflex
         >>> q = k = v = torch.randn(1, 4, 4096, 64)
         >>> p = xflex.plan(q, k, is_causal=True, config=xflex.Config(threshold=0.9))
         >>> p.selected.shape, p.attend(q, k, v).shape           # doctest: +SKIP
