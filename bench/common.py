@@ -14,12 +14,14 @@ from xflex.config import Config
 __all__ = ["best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
 
 DEFAULT_SCORER = Config().scorer
+DEFAULT_PRECISION = Config().scoring_precision
 
 
-def setting_name(method: str, scorer: str) -> str:
-    """A selection setting as the bench tables name it: the method, and
-    ``+scorer`` where the scorer is not the default (``"threshold+antidiagonal"``)."""
-    return method if scorer == DEFAULT_SCORER else f"{method}+{scorer}"
+def setting_name(method: str, scorer: str, precision: str = DEFAULT_PRECISION) -> str:
+    """A selection setting as the bench tables name it: the method, then
+    ``+scorer`` and ``+precision`` where they are not the defaults
+    (``"threshold+antidiagonal"``, ``"threshold+fp8"``)."""
+    return "+".join([method] + [x for x, default in ((scorer, DEFAULT_SCORER), (precision, DEFAULT_PRECISION)) if x != default])
 
 
 def peak_extra_mib(fn: Callable[[], object], baseline: int | None = None) -> float:

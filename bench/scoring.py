@@ -3,8 +3,9 @@ with Antidiagonal Scoring", ICML 2025): fused Triton scoring plus threshold
 selection, timed against dense cuDNN attention on one GPU.
 
 Run ``python -m bench.scoring`` on a CUDA machine; ``--quick`` for 8K/16K only, ``--long`` to add 256K, ``--out FILE`` to
-save the table as markdown. The Triton scores are checked against the
-plain-torch reference at 8K before anything is timed.
+save the table as markdown, ``--precision fp8`` for the e4m3 estimate. The
+GPU scores are checked against the plain-torch reference (of the e4m3-rounded
+inputs for fp8) at 8K before anything is timed.
 
 Inputs (B=1, H=32, D=128, bf16, causal): the families of xflex/benchmark/inputs.py.
 """
@@ -21,6 +22,7 @@ import xflex
 from bench.common import best_dense_sdpa, peak_extra_mib, time_ms
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex.attention import call_pattern, score_blocks, scoring_backend
+from xflex.attention.scoring.fp8 import dequantize, fp8_per_head
 from xflex.planning import call_selection
 
 _K = 1024
@@ -34,12 +36,16 @@ _REFERENCE_MAX_LEN = 32 * _K  # the plain-torch scorer is timed up to here
 _CHECK_LEN = 8 * _K
 
 
-def score(q, k, stride, backend="auto"):
+def score(q, k, stride, backend="auto", precision="input"):
     """The scorer ``backend`` picks, on a causal call."""
-    return score_blocks(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0, backend=backend)
+    return score_blocks(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0, precision=precision, backend=backend)
 
 
-def reference_score(q, k, stride):
+def reference_score(q, k, stride, precision="input", backend="auto"):
+    """The plain-torch scores; for fp8 on the Gluon scorer (the one that
+    multiplies fp8), of the e4m3-rounded inputs (exact in fp32)."""
+    if precision == "fp8" and scoring_backend(q, k, stride=stride, backend=backend) == "gluon":
+        q, k = (dequantize(*fp8_per_head(x), torch.float32) for x in (q, k))
     return score(q, k, stride, backend="torch")
 
 
@@ -53,16 +59,19 @@ def select(scores, q, k, backend="auto", threshold=_THRESHOLD):
     return blocks, pattern.visibility.any
 
 
-def check_against_reference(kinds, heads, kv_heads, backend="auto") -> None:
-    """Triton scores equal the reference on the same bf16 inputs (only
-    summation order differs); raises before any timing otherwise."""
+def check_against_reference(kinds, heads, kv_heads, backend="auto", precision="input") -> None:
+    """GPU scores equal the reference on the same inputs (only summation
+    order differs, and for fp8 the MMAs' reduced-precision accumulation, as
+    in tests/test_scoring_gluon.py); raises before any timing otherwise."""
+    # fp8: a bug moves scores by O(1); the accumulation by up to ~1e-2 (rows sum to 8-16).
+    tolerance = dict(rtol=5e-2, atol=5e-2) if precision == "fp8" else dict(rtol=1e-4, atol=1e-5)
     for kind in kinds:
         q, k, _ = make_inputs(kind, _CHECK_LEN, heads=heads, kv_heads=kv_heads)
         for stride in _STRIDES:
-            got, want = score(q, k, stride, backend), reference_score(q, k, stride)
+            got, want = score(q, k, stride, backend, precision), reference_score(q, k, stride, precision, backend)
             diff = (got - want).abs()
             print(f"check {kind} L={_CHECK_LEN} S={stride}: max diff {diff.max().item():.3g}, mean {diff.mean().item():.3g}")
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got, want, **tolerance)
 
 
 def _tflops(flops: float, ms: float) -> float:
@@ -75,20 +84,22 @@ def describe(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flat}"
 
 
-def _kernel_config(q, k, stride, backend) -> str:
+def _kernel_config(q, k, stride, backend, precision) -> str:
     """The scorer that ran, as a table cell: the Gluon kernel's config, or the
     Triton autotuner's pick."""
     from xflex.attention.scoring import triton_kernel
 
     if scoring_backend(q, k, stride=stride, backend=backend) == "gluon":
-        from xflex.attention.scoring.gluon_kernel import CONFIG, KEY_RANGE
+        from xflex.attention.scoring.gluon_kernel import KEY_RANGE, kernel_config
 
-        settings = CONFIG | {"KEY_RANGE": KEY_RANGE}
-        return "gluon " + " ".join(f"{key.lower()}={value}" for key, value in settings.items())
-    return describe(triton_kernel.scores_kernel.best_config)
+        dtype = torch.float8_e4m3fn if precision == "fp8" else q.dtype
+        settings = kernel_config(dtype, q.shape[-1]) | {"KEY_RANGE": KEY_RANGE}
+        name = "gluon" if precision == "input" else f"gluon {precision}"
+        return name + " " + " ".join(f"{key.lower()}={value}" for key, value in settings.items())
+    return describe(triton_kernel.scores_kernel.best_config) + ("" if precision == "input" else f" {precision}")
 
 
-def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto"):
+def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto", precision="input"):
     """Table rows for one length: one per (stride, input kind)."""
     from xflex.attention.scoring import triton_kernel
 
@@ -103,8 +114,8 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto"):
             dense_ms = time_ms(dense)
             dense_tflops = _tflops(4 * heads * causal_pairs * head_dim, dense_ms)
         for stride in _STRIDES:
-            scores = score(q, k, stride, backend)  # compiles and autotunes outside the timing
-            score_ms = time_ms(lambda: score(q, k, stride, backend))
+            scores = score(q, k, stride, backend, precision)  # compiles and autotunes outside the timing
+            score_ms = time_ms(lambda: score(q, k, stride, backend, precision))
             reduced_pairs = math.ceil(length / stride) * (math.ceil(length / stride) + 1) / 2
             score_tflops = _tflops(2 * heads * reduced_pairs * stride * head_dim, score_ms)
             select_ms = time_ms(lambda: select(scores, q, k))
@@ -113,9 +124,9 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto"):
             reference_blocks, _ = select(scores, q, k, backend="torch")
             differing = (blocks.selected != reference_blocks.selected).sum().item()
             density = blocks.selected.sum().item() / (visible.sum().item() * heads)
-            ref_ms = time_ms(lambda: reference_score(q, k, stride)) if length <= _REFERENCE_MAX_LEN else None
+            ref_ms = time_ms(lambda: reference_score(q, k, stride, precision)) if length <= _REFERENCE_MAX_LEN else None
             scores = blocks = reference_blocks = None  # freed for the memory probe (lambdas above use them)
-            mib = peak_extra_mib(lambda: select(score(q, k, stride, backend), q, k))
+            mib = peak_extra_mib(lambda: select(score(q, k, stride, backend, precision), q, k))
             rows.append(
                 dict(
                     L=f"{length // _K}K",
@@ -130,7 +141,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto"):
                     density=f"{density:.2f}",
                     reference="-" if ref_ms is None else f"{ref_ms:.2f}",
                     memory=f"{mib:.0f}",
-                    config=_kernel_config(q, k, stride, backend),
+                    config=_kernel_config(q, k, stride, backend, precision),
                 )
             )
             print(" | ".join(str(x) for x in rows[-1].values()), flush=True)
@@ -168,6 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"(B=1, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD})."
     )
     parser.add_argument("--quick", action="store_true", help="8K and 16K only")
+    parser.add_argument("--min-length", type=int, default=0, help="leave out shorter lengths")
+    parser.add_argument("--precision", choices=["input", "fp8"], default="input", help="what the estimate multiplies")
     parser.add_argument("--long", action="store_true", help="add 256K")
     parser.add_argument("--out", metavar="FILE", help="also write the table as markdown to FILE")
     parser.add_argument("--inputs", choices=[*FAMILIES, "all"], default="llm", help="input family (default: llm)")
@@ -180,7 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.kv_heads = args.kv_heads or args.heads
     if args.heads % args.kv_heads:
         parser.error(f"--heads must be a multiple of --kv-heads, but got {args.heads} and {args.kv_heads}")
-    args.lengths = (_QUICK_LENGTHS if args.quick else _LENGTHS) + (_LONG_LENGTHS if args.long else ())
+    lengths = (_QUICK_LENGTHS if args.quick else _LENGTHS) + (_LONG_LENGTHS if args.long else ())
+    args.lengths = [n for n in lengths if n >= args.min_length]
     args.kinds = list(FAMILIES) if args.inputs == "all" else [args.inputs]
     return args
 
@@ -194,14 +208,14 @@ def main(argv=None) -> None:
     title = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
         f"B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD}, "
-        f"backend {args.backend}"
+        f"backend {args.backend}, precision {args.precision}"
     )
     print(title)
-    check_against_reference(args.kinds, args.heads, args.kv_heads, args.backend)
+    check_against_reference(args.kinds, args.heads, args.kv_heads, args.backend, args.precision)
     print(" | ".join(_HEADER.values()))
     rows = []
     for length in args.lengths:
-        rows += run_case(length, args.kinds, args.heads, args.kv_heads, backend=args.backend)
+        rows += run_case(length, args.kinds, args.heads, args.kv_heads, backend=args.backend, precision=args.precision)
     table = markdown_table(rows)
     print()
     print(table)

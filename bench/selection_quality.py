@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import math
 import statistics
 import sys
@@ -29,11 +30,11 @@ import torch.nn.functional as F
 
 import xflex
 from bench import texts
-from bench.common import DEFAULT_SCORER, setting_name
+from bench.common import DEFAULT_PRECISION, DEFAULT_SCORER, setting_name
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
-from xflex.attention.scoring import PAIRINGS
+from xflex.attention.scoring import PAIRINGS, PRECISIONS
 
 METHODS = {"threshold": (0.8, 0.9, 0.95, 0.98, 0.99), "adaptive": (0.8, 0.9, 0.95, 0.98)}
 
@@ -71,9 +72,10 @@ def measure(
     samples: int,
     methods: dict[str, tuple[float, ...]] = METHODS,
     scorers: tuple[str, ...] = (DEFAULT_SCORER,),
+    precisions: tuple[str, ...] = (DEFAULT_PRECISION,),
 ) -> list[Point]:
-    """Every method and threshold of ``methods``, with each scorer, on one call
-    (named by ``bench.common.setting_name``)."""
+    """Every method and threshold of ``methods``, with each scorer and
+    scoring precision, on one call (named by ``bench.common.setting_name``)."""
     config = xflex.Config(block_size=128, min_seq_len=0, stride=stride)
     n_q = math.ceil(q.shape[2] / config.block_size)
     rows = evaluation_blocks(n_q, samples, config.probe_blocks, causal)
@@ -81,11 +83,11 @@ def measure(
     visible = call_pattern(q, k, None, causal, config.block_size).visibility.any[:, :, rows].float()
     n_visible = visible.sum(-1)
     points = []
-    for scorer in scorers:
+    for scorer, precision in itertools.product(scorers, precisions):
         for method, thresholds in methods.items():
-            name = setting_name(method, scorer)
+            name = setting_name(method, scorer, precision)
             for threshold in thresholds:
-                run = dataclasses.replace(config, method=method, threshold=threshold, scorer=scorer)
+                run = dataclasses.replace(config, method=method, threshold=threshold, scorer=scorer, scoring_precision=precision)
                 selected = xflex.plan(q, k, is_causal=causal, config=run).selected[:, :, rows]
                 recall = (mass * selected).sum(-1)
                 kept = selected.sum(-1)
@@ -209,13 +211,18 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--scorers", nargs="+", default=[DEFAULT_SCORER], choices=list(PAIRINGS), help="the estimate's tile pairing(s)")
+    parser.add_argument("--precisions", nargs="+", default=[DEFAULT_PRECISION], choices=list(PRECISIONS), help="scoring precision(s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--thresholds", type=float, nargs="+", default=None, help="replace each method's threshold grid (METHODS)")
     parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot-dir", type=Path, default=None, help="one PNG per family / text here (needs matplotlib)")
     args = parser.parse_args(argv)
-    grid = dict(methods={m: tuple(args.thresholds or METHODS[m]) for m in args.methods}, scorers=tuple(args.scorers))
+    grid = dict(
+        methods={m: tuple(args.thresholds or METHODS[m]) for m in args.methods},
+        scorers=tuple(args.scorers),
+        precisions=tuple(args.precisions),
+    )
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     sections = []

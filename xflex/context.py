@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from .attention.backends import Backend
 from .attention.flex import AttentionKernel
-from .attention.scoring import Pairing
+from .attention.scoring import Pairing, Precision
 from .config import Config, Method
 from .stats import CallRecord, SparsityStats
 
@@ -46,6 +46,7 @@ def sparsity(
     enabled: bool | _Unset = UNSET,
     method: Method | _Unset = UNSET,
     scorer: Pairing | _Unset = UNSET,
+    scoring_precision: Precision | _Unset = UNSET,
     threshold: float | Sequence[float] | _Unset = UNSET,
     probe_blocks: int | _Unset = UNSET,
     threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
@@ -70,6 +71,7 @@ def sparsity(
         enabled: False runs every call as the model's own dense SDPA.
         method: "threshold" or "adaptive" (see ``xflex.Config``).
         scorer: the estimate's tile pairing, "antidiagonal" or "interleaved".
+        scoring_precision: "input" or "fp8" (q and k rounded to e4m3 for the estimate).
         threshold: tau in (0, 1], or one per query head.
         probe_blocks: query blocks per call that calibrate the adaptive method.
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
@@ -97,6 +99,7 @@ def sparsity(
         enabled=enabled,
         method=method,
         scorer=scorer,
+        scoring_precision=scoring_precision,
         threshold=threshold,
         probe_blocks=probe_blocks,
         threshold_by_call=threshold_by_call,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..attention import attention_kernel
-from ..attention.scoring import Pairing
+from ..attention.scoring import Pairing, Precision
 from ..config import Config
 from ..context import sparsity
 from ..op import sparse_sdpa
@@ -73,6 +73,7 @@ def run(
     threshold: float = 0.95,
     stride: int = 8,
     scorer: Pairing = Config.scorer,
+    scoring_precision: Precision = Config.scoring_precision,
     sharpness: float | None = None,
     break_even: bool = True,
     backward: bool = False,
@@ -119,8 +120,8 @@ def run(
             for method in methods:
                 for kernel in kernels:
                     config = Config(
-                        method=method, scorer=scorer, threshold=threshold, stride=stride, attention_kernel=kernel,
-                        break_even=break_even,
+                        method=method, scorer=scorer, scoring_precision=scoring_precision, threshold=threshold,
+                        stride=stride, attention_kernel=kernel, break_even=break_even,
                     )  # fmt: skip
 
                     # Named, as the backend names a model's calls: the call site keeps a density history.

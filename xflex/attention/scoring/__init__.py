@@ -13,11 +13,14 @@ from typing import Literal
 import torch
 
 from ..backends import Backend, interpreting, uses_triton
+from .fp8 import PRECISIONS, Precision, fp8_per_head, head_scales
 from .reference import PAIRINGS, Pairing, antidiagonal_block_scores, paired_query_rows, reduced_tile_visible
 
 __all__ = [
     "PAIRINGS",
+    "PRECISIONS",
     "Pairing",
+    "Precision",
     "antidiagonal_block_scores",
     "paired_query_rows",
     "reduced_tile_visible",
@@ -85,6 +88,7 @@ def score_blocks(
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
     pairing: Pairing = "antidiagonal",
+    precision: Precision = "input",
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Antidiagonal block scores, on the scorer ``backend`` picks.
@@ -102,6 +106,13 @@ def score_blocks(
         pairing: which query row each key row of an ``S x S`` tile pairs with:
             ``"antidiagonal"`` (the paper's) or ``"interleaved"``
             (:func:`paired_query_rows`).
+        precision: ``"input"`` multiplies q and k as given; ``"fp8"``, where
+            the Gluon scorer runs, rounds them to e4m3 with a power-of-two
+            scale per head first (:func:`fp8.fp8_per_head`) and multiplies
+            those (0.64-0.71x of its bf16 time with the rounding,
+            bench/RESULTS.md, "FP8 scoring"). The other scorers have no fp8
+            products and take the inputs as given: rounding would cost them
+            time and save none.
         backend: see :func:`scoring_backend`.
 
     Returns:
@@ -117,7 +128,15 @@ def score_blocks(
         stride=stride, block_size=block_size, scale=scale, causal_offset=causal_offset, block_visible=block_visible,
         pairing=pairing,
     )  # fmt: skip
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, but got precision={precision!r}")
     kernel = scoring_backend(query, key, stride=stride, block_visible=block_visible, backend=backend)
+    if precision == "fp8" and kernel == "gluon":
+        from .triton_kernel import antidiagonal_block_scores_triton
+
+        (q8, q_inverse), (k8, k_inverse) = fp8_per_head(query), fp8_per_head(key)
+        scales = head_scales(q_inverse, k_inverse)
+        return antidiagonal_block_scores_triton(q8, k8, use_gluon=True, head_scale=scales, **kwargs)
     if kernel == "torch":
         return antidiagonal_block_scores(query, key, **kwargs)
     from .triton_kernel import antidiagonal_block_scores_triton

@@ -30,7 +30,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["CONFIG", "KEY_RANGE", "key_ranges", "launch", "scores_kernel", "unsupported_reason"]
+__all__ = ["CONFIG", "FP8_CONFIG", "KEY_RANGE", "kernel_config", "key_ranges", "launch", "scores_kernel", "unsupported_reason"]
 
 # Tile rows (reduced rows): 128 queries x 128 keys per consumer, the largest
 # fp32 accumulator a warpgroup holds beside the softmax (128 registers a thread).
@@ -47,6 +47,10 @@ KEY_RANGE = 2048
 # rings is 4-10% slower, two K stages (to deepen the Q ring) 4-17% slower.
 # Q_DEPTH - 2 is consumer 1's head start, in chunks: the rest is prefetch.
 CONFIG = dict(BLOCK_K=64, Q_DEPTH=7, K_DEPTH=3)
+# fp8 inputs where the head dim is a multiple of its BLOCK_K (else CONFIG):
+# chunks of 128 one-byte columns, the bytes of CONFIG's.
+FP8_CONFIG = dict(BLOCK_K=128, Q_DEPTH=7, K_DEPTH=3)
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv}
 # Registers a thread: the kernel is launched with 12 warps at _MAX_REGS; the
 # producers' warpgroup gives its registers to the consumers (256 and 232).
 _MAX_REGS = 168
@@ -66,7 +70,7 @@ def _fast_log2(x):
 @gluon.jit
 def _load_partition(
     desc, bufs, ready, empty, b, head, first_row, row_step, tiles, PAIRED: gl.constexpr, STRIDE: gl.constexpr,
-    HEAD_DIM: gl.constexpr,
+    HEAD_DIM: gl.constexpr, ELEMENT_BITS: gl.constexpr,
 ):  # fmt: skip
     """Producer: ``tiles`` tiles of reduced rows (``first_row + i*row_step``),
     each as ``STRIDE * HEAD_DIM / BLOCK_K`` chunks, into the ring ``bufs``.
@@ -84,7 +88,7 @@ def _load_partition(
             n = i * STEPS + c
             s = n % DEPTH
             mbarrier.wait(empty.index(s), ((n // DEPTH) & 1) ^ 1)  # a fresh barrier passes phase 1
-            mbarrier.expect(ready.index(s), ROWS * BLOCK_K * 2)
+            mbarrier.expect(ready.index(s), ROWS * BLOCK_K * ELEMENT_BITS // 8)
             r = c // D_CHUNKS
             if PAIRED == 1:
                 r = STRIDE - 1 - r
@@ -99,7 +103,7 @@ def _load_partition(
 
 @gluon.jit
 def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS: gl.constexpr,
-                    LEADER: gl.constexpr):  # fmt: skip
+                    LEADER: gl.constexpr, ELEMENT_BITS: gl.constexpr):  # fmt: skip
     """One tile's reduced GEMM: ``STEPS`` chunk MMAs, each chunk's buffers
     freed as soon as its MMA is done. The leader (consumer 0) lets consumer 1
     start once it is Q_DEPTH - 2 chunks (at most the whole tile) into its first
@@ -111,7 +115,10 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
     START_AFTER: gl.constexpr = min(QD - 3, STEPS - 1)
     ROWS: gl.constexpr = q_bufs.type.shape[1]
     KEYS: gl.constexpr = k_bufs.type.shape[1]
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 16])
+    # wgmma's K step is 32 bytes: 16 bf16/fp16 or 32 fp8 elements.
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 256 // ELEMENT_BITS]
+    )
     acc = gl.zeros([ROWS, KEYS], gl.float32, layout=mma)
     for c in range(STEPS):
         n = pair * STEPS + c
@@ -133,7 +140,7 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
 def _consumer_partition(
     q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, scratch_rows, stride_sr, row_lse_part, t0, k_first,
     n_tiles, unmasked_tiles, n_k_tiles, diag_shift, qk_scale, WHICH: gl.constexpr, STEPS: gl.constexpr,
-    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr,
+    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, ELEMENT_BITS: gl.constexpr,
 ):  # fmt: skip
     """Consumer ``WHICH``: key tiles WHICH, WHICH+2, ... of the program's rows;
     the softmax as in the Triton kernel's ``_online_softmax_tile``."""
@@ -141,7 +148,10 @@ def _consumer_partition(
     ROWS: gl.constexpr = q_bufs.type.shape[1]
     KEYS: gl.constexpr = k_bufs.type.shape[1]
     K_BLOCKS: gl.constexpr = KEYS // TILES_PER_BLOCK
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 16])
+    # wgmma's K step is 32 bytes: 16 bf16/fp16 or 32 fp8 elements.
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 256 // ELEMENT_BITS]
+    )
     # Block sums are stored from a row-per-thread layout: 8-16 contiguous floats each.
     per_row: gl.constexpr = gl.BlockedLayout([1, K_BLOCKS], [32, 1], [4, 1], [1, 0])
     row_ids = gl.arange(0, ROWS, layout=gl.SliceLayout(1, per_row))
@@ -155,7 +165,7 @@ def _consumer_partition(
         j = 2 * pair + WHICH
         if j < n_tiles:
             acc = _consume_chunks(
-                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS, WHICH == 0
+                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS, WHICH == 0, ELEMENT_BITS
             )
             x = acc * qk_scale
             if j >= unmasked_tiles:  # crosses the causal diagonal or the last key tile
@@ -190,15 +200,19 @@ def _consumer_partition(
 
 @gluon.jit
 def scores_kernel(
-    q_desc, k_desc, scratch_ptr, row_lse_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads, group_size,
-    q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
-    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, PAIRING: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
+    q_desc, k_desc, scratch_ptr, row_lse_ptr, head_scale_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads,
+    group_size, q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
+    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, PAIRING: gl.constexpr, HAS_HEAD_SCALE: gl.constexpr,
+    BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
     K_DEPTH: gl.constexpr, ROWS: gl.constexpr, KEYS: gl.constexpr, KEY_RANGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
 ):  # fmt: skip
     """One program: ``ROWS`` reduced query rows of one (batch, query head) by
-    the key tiles of one ``KEY_RANGE``, up to the causal diagonal of its last row."""
+    the key tiles of one ``KEY_RANGE``, up to the causal diagonal of its last row.
+    ``HAS_HEAD_SCALE``: fp8 inputs, whose products are multiplied by
+    ``head_scale_ptr[b * num_heads + h]`` (``fp8.head_scales``)."""
     STEPS: gl.constexpr = STRIDE * HEAD_DIM // BLOCK_K
+    ELEMENT_BITS: gl.constexpr = q_desc.dtype.primitive_bitwidth
     gl.static_assert(Q_DEPTH >= 3)  # consumer 1's head start is Q_DEPTH - 2 >= 1 chunks
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (causal: last) rows first
     pid_r = gl.program_id(1)
@@ -218,9 +232,11 @@ def scores_kernel(
     n_tiles = gl.cdiv(gl.maximum(gl.minimum(k_tile_end, k_first + KEY_RANGE) - k_first, 0), KEYS)
     if n_tiles == 0:  # a range past the rows' causal diagonal: their parts stay -inf
         return
+    if HAS_HEAD_SCALE:
+        qk_scale = qk_scale * gl.load(head_scale_ptr + pid_bh)
 
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(
-        swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=q_desc.dtype.primitive_bitwidth, rank=2
+        swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=ELEMENT_BITS, rank=2
     )
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [Q_DEPTH, ROWS, BLOCK_K], tile_layout)
     k0_bufs = gl.allocate_shared_memory(k_desc.dtype, [K_DEPTH, KEYS, BLOCK_K], tile_layout)
@@ -251,16 +267,18 @@ def scores_kernel(
         [
             (_consumer_partition, (q_bufs, q_ready, q_empty, k0_bufs, k0_ready, k0_empty, start, scratch_rows,
                                    stride_sr, row_lse_part, t0, k_first, n_tiles, unmasked_tiles, n_k_tiles,
-                                   diag_shift, qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
+                                   diag_shift, qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL, ELEMENT_BITS)),
             (_consumer_partition, (q_bufs, q_ready, q_empty, k1_bufs, k1_ready, k1_empty, start, scratch_rows,
                                    stride_sr, row_lse_part + stride_rp, t0, k_first, n_tiles, unmasked_tiles,
-                                   n_k_tiles, diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL)),
+                                   n_k_tiles, diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL,
+                                   ELEMENT_BITS)),
             # Q: the program's rows once per pair of key tiles; K: the even, the odd tiles.
-            (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, PAIRING, STRIDE, HEAD_DIM)),
+            (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, PAIRING, STRIDE, HEAD_DIM,
+                               ELEMENT_BITS)),
             (_load_partition, (k_desc, k0_bufs, k0_ready, k0_empty, b, kv_head, k_first, 2 * KEYS, n_pairs, 0,
-                               STRIDE, HEAD_DIM)),
+                               STRIDE, HEAD_DIM, ELEMENT_BITS)),
             (_load_partition, (k_desc, k1_bufs, k1_ready, k1_empty, b, kv_head, k_first + KEYS, 2 * KEYS,
-                               n_tiles // 2, 0, STRIDE, HEAD_DIM)),
+                               n_tiles // 2, 0, STRIDE, HEAD_DIM, ELEMENT_BITS)),
         ],
         [4, 1, 1, 1],
         [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, PRODUCER_REGS],
@@ -285,15 +303,24 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visi
     return None
 
 
+def kernel_config(dtype: torch.dtype, head_dim: int) -> dict[str, int]:
+    """Chunk columns and ring depths: ``FP8_CONFIG`` for fp8 inputs whose
+    head dim is a multiple of its ``BLOCK_K``, else ``CONFIG``."""
+    if dtype.itemsize == 1 and head_dim % FP8_CONFIG["BLOCK_K"] == 0:
+        return FP8_CONFIG
+    return CONFIG
+
+
 def _descriptor(x: torch.Tensor, stride: int, rows: int) -> TensorDescriptor:
     """``x`` (B, H, L, D) as ``[B, H, L/S, S, D]``, loaded ``rows`` reduced rows
-    by BLOCK_K columns of one sub-row at a time."""
+    by ``BLOCK_K`` columns of one sub-row at a time."""
     B, H, L, D = x.shape
     sb, sh, sl, sd = x.stride()
-    dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[x.dtype]
-    swizzle = gl.NVMMASharedLayout.get_default_for([rows, CONFIG["BLOCK_K"]], dtype).swizzle_byte_width
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=16, rank=5)
-    block = [1, 1, rows, 1, CONFIG["BLOCK_K"]]
+    dtype = _GL_DTYPES[x.dtype]
+    columns = kernel_config(x.dtype, D)["BLOCK_K"]
+    swizzle = gl.NVMMASharedLayout.get_default_for([rows, columns], dtype).swizzle_byte_width
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=8 * x.dtype.itemsize, rank=5)
+    block = [1, 1, rows, 1, columns]
     return TensorDescriptor(x, [B, H, L // stride, stride, D], [sb, sh, stride * sl, sl, sd], block, layout)
 
 
@@ -317,11 +344,16 @@ def launch(
     qk_scale: float,
     causal: bool,
     interleaved: bool,
+    head_scale: torch.Tensor | None = None,
 ) -> None:
     """Scores reduced query rows ``[tile_start, tile_start + chunk)``: block
     log2-sum-exp2s into ``scratch`` (B*Hq, rows, nK), each key range's two
     consumers' row parts into ``row_lse`` (B*Hq, 2 * key_ranges(Lk, S), rows):
-    -inf for the ranges a row does not reach."""
+    -inf for the ranges a row does not reach. fp8 ``q`` and ``k`` come with
+    ``head_scale`` (``fp8.head_scales``)."""
+    if (q.dtype == torch.float8_e4m3fn) != (head_scale is not None):
+        raise ValueError(f"head_scale must be given exactly for fp8 inputs, but got q.dtype={q.dtype} and "
+                         f"head_scale={'None' if head_scale is None else 'a tensor'}")  # fmt: skip
     B, Hq, Lq, D = q.shape
     # Ranges past the chunk's last causal diagonal have no programs: their parts stay -inf.
     row_lse.fill_(float("-inf"))
@@ -331,6 +363,7 @@ def launch(
         _descriptor(k, stride, BLOCK_N),
         scratch,
         row_lse,
+        scratch if head_scale is None else head_scale,  # an unread pointer without scales
         scratch.stride(0),
         scratch.stride(1),
         row_lse.stride(0),
@@ -347,6 +380,7 @@ def launch(
         TILES_PER_BLOCK=tiles_per_block,
         HAS_CAUSAL=causal,
         PAIRING=2 if interleaved else 1,
+        HAS_HEAD_SCALE=head_scale is not None,
         ROWS=BLOCK_M,
         KEYS=BLOCK_N,
         KEY_RANGE=KEY_RANGE,
@@ -354,5 +388,5 @@ def launch(
         PRODUCER_REGS=_PRODUCER_REGS,
         num_warps=4,
         maxnreg=_MAX_REGS,
-        **CONFIG,
+        **kernel_config(q.dtype, D),
     )

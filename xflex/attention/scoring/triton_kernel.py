@@ -427,9 +427,10 @@ def _validate_triton(
     scale: float | None,
     causal_offset: int | None,
     block_visible: torch.Tensor | None,
+    dtypes: tuple[torch.dtype, ...] = _DTYPES,
 ) -> None:
-    if q.dtype not in _DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"q and k must share a dtype among {_DTYPES}, but got q.dtype={q.dtype} and k.dtype={k.dtype}")
+    if q.dtype not in dtypes or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype among {dtypes}, but got q.dtype={q.dtype} and k.dtype={k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, but got q on {q.device} and k on {k.device}")
     if not q.is_cuda and not interpreting():
@@ -474,6 +475,7 @@ def antidiagonal_block_scores_triton(
     use_gluon: bool = False,
     key_ranges: int | None = None,
     pairing: Pairing = "antidiagonal",
+    head_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in one fused Triton kernel.
 
@@ -500,6 +502,9 @@ def antidiagonal_block_scores_triton(
             do not, as for a few probe rows; 1 on the CPU).
         pairing: which query row each key row of a tile pairs with
             (``reference.paired_query_rows``).
+        head_scale: with ``use_gluon`` only, for e4m3 q and k
+            (``fp8.fp8_per_head``): per query head, the factor their products
+            are multiplied by (``fp8.head_scales``).
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
@@ -512,7 +517,14 @@ def antidiagonal_block_scores_triton(
         torch.Size([1, 32, 64, 64])
     """
     validate_scoring_inputs(q, k, stride, block_size)
-    _validate_triton(q, k, stride, block_size, scale, causal_offset, block_visible)
+    fp8 = head_scale is not None
+    if fp8 and not use_gluon:
+        raise ValueError("head_scale (fp8 inputs) needs use_gluon=True: only the Gluon scorer multiplies fp8")
+    _validate_triton(q, k, stride, block_size, scale, causal_offset, block_visible,
+                     (torch.float8_e4m3fn,) if fp8 else _DTYPES)  # fmt: skip
+    if fp8 and (head_scale.shape != (q.shape[0] * q.shape[1],) or head_scale.dtype != torch.float32):
+        raise ValueError(f"head_scale must be fp32 of shape ({q.shape[0] * q.shape[1]},), but got "
+                         f"{head_scale.dtype} of shape {tuple(head_scale.shape)}")  # fmt: skip
     if key_ranges is not None and (not isinstance(key_ranges, int) or key_ranges < 1):
         raise ValueError(f"key_ranges must be None or a positive int, but got key_ranges={key_ranges!r}")
     if pairing not in PAIRINGS:
@@ -554,7 +566,7 @@ def antidiagonal_block_scores_triton(
             interleaved=pairing == "interleaved",
         )
         if use_gluon:
-            gluon_kernel.launch(q, k, scratch, row_lse, **launch_args)
+            gluon_kernel.launch(q, k, scratch, row_lse, head_scale=head_scale, **launch_args)
         else:
             has_block_visible = block_visible is not None
             _launch_triton_scorer(
