@@ -22,7 +22,6 @@ from xflex.benchmark.inputs import make_inputs
 
 _CONFIGS = (
     dict(BLOCK_K=128, Q_DEPTH=7, K_DEPTH=3),
-    dict(BLOCK_K=128, Q_DEPTH=6, K_DEPTH=4),
     dict(BLOCK_K=64, Q_DEPTH=14, K_DEPTH=6),
     dict(BLOCK_K=64, Q_DEPTH=10, K_DEPTH=8),
 )
