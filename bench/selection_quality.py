@@ -35,6 +35,7 @@ from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
 from xflex.attention.scoring import PAIRINGS, PRECISIONS
+from xflex.attention.scoring.fp8 import dequantize, fp8_per_head
 
 METHODS = {"threshold": (0.8, 0.9, 0.95, 0.98, 0.99), "adaptive": (0.8, 0.9, 0.95, 0.98)}
 
@@ -84,11 +85,14 @@ def measure(
     n_visible = visible.sum(-1)
     points = []
     for scorer, precision in itertools.product(scorers, precisions):
+        # fp8: what the Gluon scorer multiplies, on every device (elsewhere the
+        # option is ignored): q and k rounded here, the true mass kept unrounded.
+        q_est, k_est = (q, k) if precision == "input" else (dequantize(*fp8_per_head(x), x.dtype) for x in (q, k))
         for method, thresholds in methods.items():
             name = setting_name(method, scorer, precision)
             for threshold in thresholds:
                 run = dataclasses.replace(config, method=method, threshold=threshold, scorer=scorer, scoring_precision=precision)
-                selected = xflex.plan(q, k, is_causal=causal, config=run).selected[:, :, rows]
+                selected = xflex.plan(q_est, k_est, is_causal=causal, config=run).selected[:, :, rows]
                 recall = (mass * selected).sum(-1)
                 kept = selected.sum(-1)
                 density = kept / n_visible
