@@ -51,7 +51,7 @@ class Config:
             Same cost; bench/RESULTS.md, "The interleaved pairing".
         scoring_precision: what the estimate multiplies: ``"input"`` q and k
             as given, or ``"fp8"``: where the Gluon scorer runs (Hopper,
-            lengths multiples of S, ~32K tokens and up), their e4m3 rounding
+            ~32K tokens and up), their e4m3 rounding
             with a power-of-two scale per head, in 0.64-0.71x of the time,
             same recall on every family measured; other scorers ignore it
             (bench/RESULTS.md, "FP8 scoring").

@@ -57,7 +57,7 @@ def scoring_backend(
     """The scorer :func:`score_blocks` runs for these inputs.
 
     ``"auto"`` takes the Gluon kernel where it runs (Hopper, fp16/bf16, lengths
-    multiples of S, no ``block_visible``) and the call is large enough to pay
+    no ``block_visible``) and the call is large enough to pay
     for its costlier launch (~32K tokens and up), else Triton on CUDA, else
     torch. Raises ValueError when ``backend="gluon"`` cannot run them.
 

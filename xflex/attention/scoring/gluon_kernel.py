@@ -18,8 +18,10 @@ online softmax over its tiles and writes its part of the row statistics
 The reduced rows are strided views of q and k, read by TMA as 5-D boxes
 ``[1, 1, rows, 1, BLOCK_K]`` of ``[B, H, L/S, S, D]``: reduction column
 ``r*D + d`` is query row ``t*S + S-1-r`` and key row ``u*S + r``. TMA fills
-rows past ``L/S`` with zeros, so L must be a multiple of S (a partial last
-group would read past the sequence): other lengths take the Triton kernel.
+rows past ``L/S`` with zeros, but a partial last group of S rows would read
+past the sequence: other lengths are scored on a copy with zero rows up to a
+multiple of S (``whole_groups``), which add nothing to a reduced row's dot
+product, as the reference's padding.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["CONFIG", "FP8_CONFIG", "KEY_RANGE", "kernel_config", "key_ranges", "launch", "scores_kernel", "unsupported_reason"]
+__all__ = ["CONFIG", "FP8_CONFIG", "KEY_RANGE", "kernel_config", "key_ranges", "launch", "scores_kernel", "unsupported_reason", "whole_groups"]
 
 # Tile rows (reduced rows): 128 queries x 128 keys per consumer, the largest
 # fp32 accumulator a warpgroup holds beside the softmax (128 registers a thread).
@@ -293,14 +295,23 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visi
         return f"it takes fp16/bf16 inputs, not {q.dtype}"
     if q.shape[-1] % CONFIG["BLOCK_K"]:
         return f"it needs a head dim that is a multiple of {CONFIG['BLOCK_K']}, not {q.shape[-1]}"
-    if q.shape[2] % stride or k.shape[2] % stride:
-        return f"it needs lengths that are multiples of the stride {stride}, not {q.shape[2]} and {k.shape[2]}"
     if block_visible is not None:
         return "it has no block_visible mask"
     for name, x in (("q", q), ("k", k)):
         if x.stride(-1) != 1 or any(s % 8 for s in x.stride()[:-1]) or x.data_ptr() % 16:
             return f"TMA needs {name} with a contiguous last dim and 16-byte aligned rows, not strides {x.stride()}"
     return None
+
+
+def whole_groups(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``x`` (B, H, L, D), or for L not a multiple of ``stride`` a copy with
+    zero rows appended up to one (the TMA boxes read whole groups of S rows)."""
+    B, H, L, D = x.shape
+    if L % stride == 0:
+        return x
+    out = x.new_zeros((B, H, L + (-L % stride), D))
+    out[:, :, :L] = x
+    return out
 
 
 def kernel_config(dtype: torch.dtype, head_dim: int) -> dict[str, int]:

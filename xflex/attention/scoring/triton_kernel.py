@@ -545,6 +545,9 @@ def antidiagonal_block_scores_triton(
     scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
     if use_gluon:
         from . import gluon_kernel
+
+        # Same tile counts (ceil(L/S)) and key ranges as the unpadded lengths.
+        q, k = gluon_kernel.whole_groups(q, S), gluon_kernel.whole_groups(k, S)
     # Row parts: the Gluon kernel's two consumers each see half of each key range.
     if use_gluon:
         parts = 2 * gluon_kernel.key_ranges(Lk, S)
