@@ -11,6 +11,8 @@ against the oracle) is ``bench/selection_quality.py``'s job.
     python -m bench.accuracy --texts gpl3 argparse pydoc --lengths 4096 7000 --depths 0.1 0.5 0.9
     python -m bench.accuracy --settings dense threshold:0.9 adaptive:0.95 --out table.md
     python -m bench.accuracy --settings threshold:0.98 threshold+antidiagonal:0.98   # METHOD+SCORER
+    python -m bench.accuracy --device cuda --backend gluon --settings threshold:0.99 threshold+fp8:0.99
+    python -m bench.accuracy --settings threshold+vertical=0:0.99 threshold:0.99       # vertical lines off / on
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pathlib import Path
 import torch
 
 from bench import texts
-from bench.common import DEFAULT_SCORER, setting_name
+from bench.common import DEFAULT_PRECISION, DEFAULT_SCORER, DEFAULT_VERTICAL_MASS, setting_name
 from xflex import demo
+from xflex.attention.backends import BACKENDS
 
 QUICK = dict(texts=["gpl3"], lengths=[4096], depths=[0.5])
 DEFAULT_SETTINGS = ["threshold:0.9", "threshold:0.95", "adaptive:0.9", "adaptive:0.95"]
@@ -35,28 +38,51 @@ DEFAULT_SETTINGS = ["threshold:0.9", "threshold:0.95", "adaptive:0.9", "adaptive
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """``method[+scorer]:threshold`` (stride from ``--stride``), or dense."""
+    """``method[+scorer][+precision][+vertical=X]:threshold`` (stride from ``--stride``)."""
 
     method: str
     threshold: float
     scorer: str = DEFAULT_SCORER
+    precision: str = DEFAULT_PRECISION
+    vertical_mass: float = DEFAULT_VERTICAL_MASS
 
     @staticmethod
     def parse(text: str) -> Setting:
-        from xflex.attention.scoring import PAIRINGS
+        from xflex.attention.scoring import PAIRINGS, PRECISIONS
         from xflex.config import METHODS
 
+        error = argparse.ArgumentTypeError(
+            f"expected METHOD[+SCORER][+PRECISION][+vertical=X]:THRESHOLD with METHOD in {METHODS}, "
+            f"SCORER in {PAIRINGS} and PRECISION in {PRECISIONS}, but got {text!r}"
+        )
         name, _, threshold = text.partition(":")
-        method, _, scorer = name.partition("+")
-        if method not in METHODS or (scorer and scorer not in PAIRINGS) or not threshold:
-            raise argparse.ArgumentTypeError(
-                f"expected METHOD[+SCORER]:THRESHOLD with METHOD in {METHODS} and SCORER in {PAIRINGS}, but got {text!r}"
-            )
-        return Setting(method, float(threshold), scorer or DEFAULT_SCORER)
+        method, *options = name.split("+")
+        fields = {}
+        for option in options:
+            if option in PAIRINGS:
+                field, value = "scorer", option
+            elif option in PRECISIONS:
+                field, value = "precision", option
+            elif option.startswith("vertical="):
+                field, value = "vertical_mass", option.removeprefix("vertical=")
+            else:
+                raise error
+            if field in fields:
+                raise error
+            fields[field] = value
+        try:
+            fields["threshold"] = float(threshold)
+            if "vertical_mass" in fields:
+                fields["vertical_mass"] = float(fields["vertical_mass"])
+        except ValueError:
+            raise error from None
+        if method not in METHODS:
+            raise error
+        return Setting(method, **fields)
 
     @property
     def name(self) -> str:
-        return f"{setting_name(self.method, self.scorer)} {self.threshold:g}"
+        return f"{setting_name(self.method, self.scorer, self.precision, self.vertical_mass)} {self.threshold:g}"
 
 
 @dataclasses.dataclass
@@ -87,7 +113,8 @@ def run_prompt(model, compiled, tokenizer, prompt, text, seed, settings, args) -
     for setting in settings:
         result = demo.run_sparse(
             compiled, tokenizer, prompt, new_tokens=args.new_tokens, dynamic_length=True,
-            method=setting.method, threshold=setting.threshold, scorer=setting.scorer, stride=args.stride,
+            method=setting.method, threshold=setting.threshold, scorer=setting.scorer,
+            scoring_precision=setting.precision, vertical_mass=setting.vertical_mass, stride=args.stride, backend=args.backend,
             break_even=False,  # the selection's own accuracy, also where a GPU would run these lengths dense
         )  # fmt: skip
         density = result.stats.density
@@ -147,6 +174,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--settings", type=Setting.parse, nargs="+", default=[Setting.parse(s) for s in DEFAULT_SETTINGS])
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="kernels for scoring and selection (gluon: the Hopper scorer at every length, e.g. for fp8)")
     parser.add_argument("--new-tokens", type=int, default=12, help="greedy tokens per answer")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -178,7 +207,7 @@ def main(argv=None) -> int:
                         rows += run_prompt(model, compiled, tokenizer, prompt, text, seed, args.settings, args)
     report = "\n\n".join(
         [
-            f"## xflex accuracy: SmolLM2-135M-Instruct, {device}, {str(dtype).removeprefix('torch.')}, block {args.block_size}, S={args.stride}",
+            f"## xflex accuracy: SmolLM2-135M-Instruct, {device}, {str(dtype).removeprefix('torch.')}, block {args.block_size}, S={args.stride}, backend {args.backend}",
             prompts_table(rows),
             "### By setting (over all prompts)",
             summary_table(rows),

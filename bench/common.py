@@ -11,17 +11,20 @@ import torch
 from xflex.benchmark.timing import best_dense_sdpa, dense_sdpa, time_ms
 from xflex.config import Config
 
-__all__ = ["best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
+__all__ = ["DEFAULT_PRECISION", "DEFAULT_SCORER", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
 
 DEFAULT_SCORER = Config().scorer
 DEFAULT_PRECISION = Config().scoring_precision
+DEFAULT_VERTICAL_MASS = Config().vertical_mass
 
 
-def setting_name(method: str, scorer: str, precision: str = DEFAULT_PRECISION) -> str:
+def setting_name(method: str, scorer: str, precision: str = DEFAULT_PRECISION, vertical_mass: float = DEFAULT_VERTICAL_MASS) -> str:
     """A selection setting as the bench tables name it: the method, then
-    ``+scorer`` and ``+precision`` where they are not the defaults
-    (``"threshold+antidiagonal"``, ``"threshold+fp8"``)."""
-    return "+".join([method] + [x for x, default in ((scorer, DEFAULT_SCORER), (precision, DEFAULT_PRECISION)) if x != default])
+    ``+scorer``, ``+precision`` and ``+vertical=X`` where they are not the
+    defaults (``"threshold+antidiagonal"``, ``"threshold+fp8"``, ``"threshold+vertical=0"``)."""
+    vertical = f"vertical={vertical_mass:g}"
+    defaults = ((scorer, DEFAULT_SCORER), (precision, DEFAULT_PRECISION), (vertical, f"vertical={DEFAULT_VERTICAL_MASS:g}"))
+    return "+".join([method] + [x for x, default in defaults if x != default])
 
 
 def peak_extra_mib(fn: Callable[[], object], baseline: int | None = None) -> float:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import xflex
 from bench import texts
-from bench.common import DEFAULT_PRECISION, DEFAULT_SCORER, setting_name
+from bench.common import DEFAULT_PRECISION, DEFAULT_SCORER, DEFAULT_VERTICAL_MASS, setting_name
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
@@ -74,9 +74,11 @@ def measure(
     methods: dict[str, tuple[float, ...]] = METHODS,
     scorers: tuple[str, ...] = (DEFAULT_SCORER,),
     precisions: tuple[str, ...] = (DEFAULT_PRECISION,),
+    vertical_masses: tuple[float, ...] = (DEFAULT_VERTICAL_MASS,),
 ) -> list[Point]:
-    """Every method and threshold of ``methods``, with each scorer and
-    scoring precision, on one call (named by ``bench.common.setting_name``)."""
+    """Every method and threshold of ``methods``, with each scorer, scoring
+    precision and vertical-line mass, on one call (named by
+    ``bench.common.setting_name``)."""
     config = xflex.Config(block_size=128, min_seq_len=0, stride=stride)
     n_q = math.ceil(q.shape[2] / config.block_size)
     rows = evaluation_blocks(n_q, samples, config.probe_blocks, causal)
@@ -84,14 +86,16 @@ def measure(
     visible = call_pattern(q, k, None, causal, config.block_size).visibility.any[:, :, rows].float()
     n_visible = visible.sum(-1)
     points = []
-    for scorer, precision in itertools.product(scorers, precisions):
+    for scorer, precision, vertical_mass in itertools.product(scorers, precisions, vertical_masses):
         # fp8: what the Gluon scorer multiplies, on every device (elsewhere the
         # option is ignored): q and k rounded here, the true mass kept unrounded.
         q_est, k_est = (q, k) if precision == "input" else (dequantize(*fp8_per_head(x), x.dtype) for x in (q, k))
         for method, thresholds in methods.items():
-            name = setting_name(method, scorer, precision)
+            name = setting_name(method, scorer, precision, vertical_mass)
             for threshold in thresholds:
-                run = dataclasses.replace(config, method=method, threshold=threshold, scorer=scorer, scoring_precision=precision)
+                run = dataclasses.replace(
+                    config, method=method, threshold=threshold, scorer=scorer, scoring_precision=precision, vertical_mass=vertical_mass
+                )
                 selected = xflex.plan(q_est, k_est, is_causal=causal, config=run).selected[:, :, rows]
                 recall = (mass * selected).sum(-1)
                 kept = selected.sum(-1)
@@ -218,6 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="+", default=[DEFAULT_PRECISION], choices=list(PRECISIONS), help="scoring precision(s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--thresholds", type=float, nargs="+", default=None, help="replace each method's threshold grid (METHODS)")
+    parser.add_argument("--vertical-masses", type=float, nargs="+", default=[DEFAULT_VERTICAL_MASS], help="vertical_mass value(s) (0: off)")
     parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot-dir", type=Path, default=None, help="one PNG per family / text here (needs matplotlib)")
@@ -226,6 +231,7 @@ def main(argv=None) -> int:
         methods={m: tuple(args.thresholds or METHODS[m]) for m in args.methods},
         scorers=tuple(args.scorers),
         precisions=tuple(args.precisions),
+        vertical_masses=tuple(args.vertical_masses),
     )
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -91,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"what the estimate multiplies (default {defaults.scoring_precision}; fp8: e4m3, see README)",
     )
     bench.add_argument("--threshold", type=float, default=defaults.threshold)
+    bench.add_argument("--vertical-mass", type=float, default=defaults.vertical_mass, help=f"vertical lines (default {defaults.vertical_mass}; 0: off)")
     bench.add_argument("--stride", type=int, default=defaults.stride)
     bench.add_argument("--sharpness", type=float, default=None, help="scale every family's planted bonuses (default: each family's own)")
     bench.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
@@ -244,7 +245,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     direction = ", forward + backward" if args.backward else ""
     print(
         f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
-        f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision}{direction}{'' if args.break_even else ', no break-even'}"
+        f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision}, vertical_mass {args.vertical_mass:g}{direction}{'' if args.break_even else ', no break-even'}"
         f"{'' if args.sharpness is None else f', sharpness {args.sharpness:g}'}",
         flush=True,
     )
@@ -252,7 +253,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
         threshold=args.threshold, stride=args.stride, scorer=args.scorer, scoring_precision=args.scoring_precision,
-        sharpness=args.sharpness, break_even=args.break_even,
+        vertical_mass=args.vertical_mass, sharpness=args.sharpness, break_even=args.break_even,
         backward=args.backward, report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:

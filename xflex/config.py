@@ -59,10 +59,18 @@ class Config:
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"threshold"``); 1.0 keeps every visible block.
             A sequence gives one value per query head.
-        probe_blocks: query blocks per call whose exact attention calibrates
-            the ``"adaptive"`` method, and on which the break-even forecast
+        probe_blocks: query blocks per call whose exact attention finds the
+            vertical lines (``vertical_mass``) and calibrates the
+            ``"adaptive"`` method, and on which the break-even forecast
             reads the selection's density (the last ones of a causal call,
             spread over the sequence otherwise).
+        vertical_mass: a key block whose true attention mass on the probe
+            rows exceeds the estimate's share by at least this much (the
+            mean over probe rows) is kept in every row that sees it, on top
+            of the method's blocks: hot keys, which the strided estimate
+            dilutes (``xflex.attention.selection.vertical``). 0 turns it off.
+            Costs one exact-attention pass over the probe rows
+            (bench/RESULTS.md, "Vertical lines").
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
@@ -111,6 +119,7 @@ class Config:
     scoring_precision: Precision = "input"
     threshold: Threshold = 0.99
     probe_blocks: int = 4
+    vertical_mass: float = 0.005
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     text_tokens_by_call: tuple[tuple[str, int], ...] = ()
     stride: int = 8
@@ -291,3 +300,9 @@ def _validate_config(c: Config) -> None:
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)
+    _check(
+        isinstance(c.vertical_mass, (int, float)) and not isinstance(c.vertical_mass, bool) and 0 <= c.vertical_mass < 1,
+        "vertical_mass",
+        "a float in [0, 1) (0: off)",
+        c.vertical_mass,
+    )

@@ -49,6 +49,7 @@ def sparsity(
     scoring_precision: Precision | _Unset = UNSET,
     threshold: float | Sequence[float] | _Unset = UNSET,
     probe_blocks: int | _Unset = UNSET,
+    vertical_mass: float | _Unset = UNSET,
     threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
     text_tokens_by_call: Mapping[str, int] | _Unset = UNSET,
     stride: int | _Unset = UNSET,
@@ -73,7 +74,9 @@ def sparsity(
         scorer: the estimate's tile pairing, "antidiagonal" or "interleaved".
         scoring_precision: "input" or "fp8" (q and k rounded to e4m3 for the estimate).
         threshold: tau in (0, 1], or one per query head.
-        probe_blocks: query blocks per call that calibrate the adaptive method.
+        probe_blocks: query blocks per call that find vertical lines and calibrate the adaptive method.
+        vertical_mass: keep in every row the key blocks holding at least this
+            much more true mass on the probe rows than the estimate says (0: off).
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
         text_tokens_by_call: ``{call-name pattern: n}``: joint-attention calls
             whose first ``n`` (``n < 0``: last ``-n``) tokens are text, kept dense.
@@ -102,6 +105,7 @@ def sparsity(
         scoring_precision=scoring_precision,
         threshold=threshold,
         probe_blocks=probe_blocks,
+        vertical_mass=vertical_mass,
         threshold_by_call=threshold_by_call,
         text_tokens_by_call=text_tokens_by_call,
         stride=stride,

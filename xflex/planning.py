@@ -31,6 +31,7 @@ from .attention import (
 )
 from .attention.constants import device_constant
 from .attention.masks import visible_everywhere
+from .attention.selection.vertical import vertical_blocks
 from .attention.selection.probes import (
     PROBE_TEMPERATURES,
     PROBE_THRESHOLDS,
@@ -46,10 +47,12 @@ __all__ = [
     "call_scores",
     "call_selection",
     "call_text_blocks",
+    "call_vertical_blocks",
     "density_of_counts",
     "plan",
     "probe_calibration",
     "probe_density",
+    "probe_mass",
 ]
 
 
@@ -65,6 +68,8 @@ class Plan:
         scale: the call's softmax scale (None: ``1/sqrt(E)``).
         for_backward: the BlockMask also carries the q-major indices gradients need.
         kernel: the FlexAttention kernel :meth:`attend` runs.
+        vertical: ``(B, Hq, 1, nK)`` bool, the vertical lines the selection
+            added to every row (None: the rule was off).
     """
 
     pattern: CallPattern
@@ -74,6 +79,7 @@ class Plan:
     scale: float | None
     for_backward: bool = False
     kernel: KernelName = "triton"
+    vertical: torch.Tensor | None = None
 
     @functools.cached_property
     def block_mask(self) -> BlockMask:
@@ -258,9 +264,11 @@ def call_selection(
     call_name: str = "",
     *,
     threshold: torch.Tensor | None = None,
+    vertical: torch.Tensor | None = None,
 ) -> KVBlocks:
     """Stage 2 for one call: forced blocks plus the threshold cut, plus the
-    text blocks of a joint call, in FlexAttention's kv layout.
+    text blocks of a joint call and the vertical lines, in FlexAttention's
+    kv layout.
 
     Args:
         scores: the call's block scores.
@@ -269,6 +277,8 @@ def call_selection(
             the text tokens from ``config.text_tokens_by_call``.
         threshold: ``(1, H, 1, 1)`` per-head thresholds instead (what
         :func:`probe_calibration` chose).
+        vertical: ``(B, H, 1, nK)`` bool key blocks every row keeps where it
+            sees them (:func:`call_vertical_blocks`).
 
     Example:
         >>> blocks = call_selection(scores, pattern, q.shape[2], k.shape[2], config)   # doctest: +SKIP
@@ -289,11 +299,13 @@ def call_selection(
         backend=config.backend,
     )
     text = call_text_blocks(q_len, kv_len, config, scores.device, call_name)
-    if text is None:
+    added = [x for x in (text, vertical) if x is not None]
+    if not added:
         return blocks
     # Added after the cut, which is made as without them (forced blocks' mass
-    # would count toward tau and crowd out video blocks): text only adds blocks.
-    return as_kv_blocks(blocks.selected | (text & pattern.visibility.any), fully_visible)
+    # would count toward tau and crowd out video blocks): both only add blocks.
+    extra = functools.reduce(torch.logical_or, added)
+    return as_kv_blocks(blocks.selected | (extra & pattern.visibility.any), fully_visible)
 
 
 def _probe_rows(
@@ -305,6 +317,34 @@ def _probe_rows(
     return probes, pattern.visibility.any[:, :, probes], forced
 
 
+def probe_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    pattern: CallPattern,
+    config: Config,
+) -> torch.Tensor:
+    """``(B, H, P, nK)`` exact attention mass per key block of the call's
+    ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`)."""
+    probes = probe_query_blocks(math.ceil(query.shape[2] / config.block_size), config.probe_blocks, causal=pattern.causal)
+    return exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
+
+
+def call_vertical_blocks(scores: torch.Tensor, mass: torch.Tensor, pattern: CallPattern, config: Config) -> torch.Tensor:
+    """``(B, H, 1, nK)`` bool: the call's vertical lines (``config.vertical_mass``),
+    from its block scores and its probe rows' :func:`probe_mass`.
+
+    Example:
+        >>> vertical = call_vertical_blocks(scores, probe_mass(q, k, None, True, None, pattern, config), pattern, config)   # doctest: +SKIP
+    """
+    probes = probe_query_blocks(scores.shape[2], config.probe_blocks, causal=pattern.causal)
+    return vertical_blocks(
+        mass, scores[:, :, probes], pattern.visibility.any[:, :, probes], probes, min_mass=config.vertical_mass
+    )
+
+
 def probe_calibration(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -314,6 +354,8 @@ def probe_calibration(
     pattern: CallPattern,
     config: Config,
     target: torch.Tensor,
+    *,
+    mass: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``"adaptive"`` method's choice for one call: per head, the scorer
     temperature and threshold whose selection keeps ``target`` of the true
@@ -324,6 +366,7 @@ def probe_calibration(
         query, key, attn_mask, is_causal, scale: the call's SDPA arguments.
         pattern, config: the call's pattern and settings.
         target: ``(1, H, 1, 1)`` the recall each query head must reach.
+        mass: the probe rows' :func:`probe_mass`, when the caller has it already.
 
     Returns:
         ``(temperature, threshold)``, each ``(1, H, 1, 1)`` fp32.
@@ -332,7 +375,8 @@ def probe_calibration(
         >>> t, tau = probe_calibration(q, k, None, True, None, pattern, config, target)   # doctest: +SKIP
     """
     probes, visible, forced = _probe_rows(pattern, query.shape[2], key.shape[2], config, query.device)
-    mass = exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
+    if mass is None:
+        mass = probe_mass(query, key, attn_mask, is_causal, scale, pattern, config)
     softmax_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     temperatures = [t for t in PROBE_TEMPERATURES if t <= config.stride]
     scores = call_scores(query, key, pattern, config, softmax_scale, q_blocks=probes, temperatures=temperatures)
@@ -357,6 +401,9 @@ def probe_density(
     """The density (kept / visible blocks) of the threshold selection on
     ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`):
     a forecast of the whole call's density at a few rows' scoring cost.
+    The vertical lines (``config.vertical_mass``) are left out: they add few
+    blocks (bench/RESULTS.md, "Vertical lines"), and the exact pass over the
+    probe rows that finds them would be paid again by the sparse call.
 
     Example:
         >>> q = k = torch.randn(1, 2, 1024, 64)
@@ -419,13 +466,18 @@ def plan(
     if pattern is None:
         pattern = call_pattern(query, key, attn_mask, is_causal, config.block_size)
     threshold = config.threshold_tensor(query.shape[1], query.device, call_name)
+    sparse = config.threshold_for(call_name) != 1.0
+    adaptive = config.method == "adaptive" and sparse
+    finds_vertical = config.vertical_mass > 0 and sparse
+    mass = probe_mass(query, key, attn_mask, is_causal, scale, pattern, config) if adaptive or finds_vertical else None
     scoring_query = query
-    if config.method == "adaptive" and config.threshold_for(call_name) != 1.0:
-        temperature, threshold = probe_calibration(query, key, attn_mask, is_causal, scale, pattern, config, threshold)
+    if adaptive:
+        temperature, threshold = probe_calibration(query, key, attn_mask, is_causal, scale, pattern, config, threshold, mass=mass)
         # Temperatures are powers of two: exact in any float dtype.
         scoring_query = query * temperature.to(query.dtype)
     scores = call_scores(scoring_query, key, pattern, config, scale)
-    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold)
+    vertical = call_vertical_blocks(scores, mass, pattern, config) if finds_vertical else None
+    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold, vertical=vertical)
     kernel = attention_kernel(
         config.attention_kernel,
         query,
@@ -435,4 +487,4 @@ def plan(
         captures_tensors=pattern.captures_tensors,
         needs_grad=for_backward,
     )
-    return Plan(pattern, scores, blocks, config.block_size, scale, for_backward, kernel)
+    return Plan(pattern, scores, blocks, config.block_size, scale, for_backward, kernel, vertical)

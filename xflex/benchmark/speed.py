@@ -74,6 +74,7 @@ def run(
     stride: int = 8,
     scorer: Pairing = Config.scorer,
     scoring_precision: Precision = Config.scoring_precision,
+    vertical_mass: float = Config.vertical_mass,
     sharpness: float | None = None,
     break_even: bool = True,
     backward: bool = False,
@@ -121,7 +122,7 @@ def run(
                 for kernel in kernels:
                     config = Config(
                         method=method, scorer=scorer, scoring_precision=scoring_precision, threshold=threshold,
-                        stride=stride, attention_kernel=kernel, break_even=break_even,
+                        vertical_mass=vertical_mass, stride=stride, attention_kernel=kernel, break_even=break_even,
                     )  # fmt: skip
 
                     # Named, as the backend names a model's calls: the call site keeps a density history.
