@@ -31,7 +31,6 @@ from .attention import (
 )
 from .attention.constants import device_constant
 from .attention.masks import visible_everywhere
-from .attention.selection.vertical import vertical_blocks
 from .attention.selection.probes import (
     PROBE_TEMPERATURES,
     PROBE_THRESHOLDS,
@@ -39,6 +38,7 @@ from .attention.selection.probes import (
     probe_query_blocks,
     threshold_rule_on_probes,
 )
+from .attention.selection.vertical import vertical_blocks
 from .config import Config
 
 __all__ = [
@@ -308,11 +308,16 @@ def call_selection(
     return as_kv_blocks(blocks.selected | (extra & pattern.visibility.any), fully_visible)
 
 
+def _probe_blocks(q_len: int, pattern: CallPattern, config: Config) -> list[int]:
+    """The call's ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`)."""
+    return probe_query_blocks(math.ceil(q_len / config.block_size), config.probe_blocks, causal=pattern.causal)
+
+
 def _probe_rows(
     pattern: CallPattern, q_len: int, kv_len: int, config: Config, device: torch.device
 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """The call's probe query blocks and their rows of the visible and forced blocks."""
-    probes = probe_query_blocks(math.ceil(q_len / config.block_size), config.probe_blocks, causal=pattern.causal)
+    probes = _probe_blocks(q_len, pattern, config)
     forced = call_forced_blocks(pattern, q_len, kv_len, config, device)[:, :, probes]
     return probes, pattern.visibility.any[:, :, probes], forced
 
@@ -328,7 +333,7 @@ def probe_mass(
 ) -> torch.Tensor:
     """``(B, H, P, nK)`` exact attention mass per key block of the call's
     ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`)."""
-    probes = probe_query_blocks(math.ceil(query.shape[2] / config.block_size), config.probe_blocks, causal=pattern.causal)
+    probes = _probe_blocks(query.shape[2], pattern, config)
     return exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
 
 
@@ -339,7 +344,7 @@ def call_vertical_blocks(scores: torch.Tensor, mass: torch.Tensor, pattern: Call
     Example:
         >>> vertical = call_vertical_blocks(scores, probe_mass(q, k, None, True, None, pattern, config), pattern, config)   # doctest: +SKIP
     """
-    probes = probe_query_blocks(scores.shape[2], config.probe_blocks, causal=pattern.causal)
+    probes = _probe_blocks(pattern.shape[2], pattern, config)
     return vertical_blocks(
         mass, scores[:, :, probes], pattern.visibility.any[:, :, probes], probes, min_mass=config.vertical_mass
     )
