@@ -56,25 +56,74 @@ def test_cheapest_reaching_and_probe_blocks():
     assert probe_query_blocks(2, 4, causal=True) == [0, 1]
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")  # interpreter: log2(0)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows_per_block", [None, 5])
 @pytest.mark.parametrize("causal, blocks", [(True, [5, 6]), (True, [1, 4]), (False, [0, 3, 6])])
-def test_exact_block_mass_equals_explicit_softmax(causal, blocks, backend):
-    """Exact per-block attention mass of a few query blocks (the last ones of a
-    causal call, or any of a bidirectional one take the fused scorer at stride 1)."""
+def test_exact_block_mass_equals_explicit_softmax(causal, blocks, rows_per_block, backend):
+    """Exact per-block attention mass of a few query blocks (all their rows,
+    or 5 evenly spaced ones ending at the block's last) against explicit
+    softmax rows; the last block (6) is ragged."""
     if backend == "triton":
         pytest.importorskip("triton", reason="triton is an optional dependency")
     gen = torch.Generator().manual_seed(len(blocks))
     q, k = torch.randn(2, 2, 400, 16, generator=gen), torch.randn(2, 1, 400, 16, generator=gen)
-    blocks = [b for b in blocks if b < 7]
-    got = exact_block_mass(q, k, None, causal, 0.3, 64, blocks, backend=backend).cpu()
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # else the interpreter
+    got = exact_block_mass(q.to(device), k.to(device), None, causal, 0.3, 64, blocks, rows_per_block=rows_per_block,
+                           backend=backend).cpu()  # fmt: skip
     logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
     if causal:
         logits = logits.masked_fill(~causal_visible(400, 400), float("-inf"))
-    probs = torch.softmax(logits, -1)
-    rows = lambda b: F.pad(probs[:, :, b * 64 : (b + 1) * 64], (0, 448 - 400))  # noqa: E731
-    want = torch.stack([rows(b).view(2, 2, rows(b).shape[2], 7, 64).sum(-1).mean(2) for b in blocks], 2)
+    probs = F.pad(torch.softmax(logits, -1), (0, 448 - 400)).view(2, 2, 400, 7, 64).sum(-1)
+
+    def block_rows(b):
+        lo, hi = b * 64, min(400, (b + 1) * 64)
+        n = rows_per_block or hi - lo
+        return [lo + (i + 1) * (hi - lo) // n - 1 for i in range(n)]
+
+    want = torch.stack([probs[:, :, block_rows(b)].mean(2) for b in blocks], 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sampled_block_mass(q, k, None, causal, 0.3, 64, blocks), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        sampled_block_mass(q, k, None, causal, 0.3, 64, blocks, rows_per_block=rows_per_block), want, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")  # interpreter: log2(0)
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 3]),
+    q_len=st.integers(1, 300),
+    kv_len=st.integers(1, 300),
+    head_dim=st.sampled_from([16, 24, 64]),
+    block_size=st.sampled_from([32, 64]),
+    causal=st.booleans(),
+    n_rows=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_row_block_mass_kernel_equals_explicit_softmax(
+    batch, kv_heads, group, q_len, kv_len, head_dim, block_size, causal, n_rows, seed
+):
+    """The probe kernel on any rows (unsorted, repeated, more than one
+    program's 64), GQA, ragged key blocks, D not a power of two, Lq != Lk."""
+    pytest.importorskip("triton", reason="triton is an optional dependency")
+    from xflex.attention.oracle_kernel import row_block_mass_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen) * 2
+    rows = torch.randint(0, q_len, (n_rows,), generator=gen, dtype=torch.int32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = row_block_mass_triton(q.to(device), k.to(device), rows.to(device), is_causal=causal, scale=0.2,
+                                block_size=block_size).cpu()  # fmt: skip
+    logits = q[:, :, rows.long()] @ k.repeat_interleave(group, 1).transpose(-1, -2) * 0.2
+    if causal:
+        logits = logits.masked_fill(torch.arange(kv_len) > rows[:, None], float("-inf"))
+    n_k = math.ceil(kv_len / block_size)
+    probs = torch.softmax(logits, -1).nan_to_num(0.0)
+    want = F.pad(probs, (0, n_k * block_size - kv_len)).unflatten(-1, (n_k, block_size)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("causal, blocks", [(True, [5, 6, 7]), (True, [0, 2, 3, 7]), (False, [1, 4])])

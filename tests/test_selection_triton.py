@@ -45,14 +45,15 @@ def _case(draw):
     causal = draw(st.booleans())
     mask = draw(st.sampled_from(["causal", "random", "none"]))
     full = draw(st.sampled_from(["visibility", "none"]))
-    return batch, heads, n_q, n_k, seed, taus, causal, mask, full
+    added = draw(st.booleans())
+    return batch, heads, n_q, n_k, seed, taus, causal, mask, full, added
 
 
 # The interpreter runs each example ~1 s on the CPU: fewer there, all on a GPU.
 @settings(max_examples=40 if torch.cuda.is_available() else 16, deadline=None, derandomize=True)
 @given(_case())
 def test_matches_torch_selection(case):
-    batch, heads, n_q, n_k, seed, taus, causal, mask, full = case
+    batch, heads, n_q, n_k, seed, taus, causal, mask, full, added = case
     gen = torch.Generator().manual_seed(seed)
     block = 16
     q_len, kv_len = n_q * block - 3 if n_q > 1 else 5, n_k * block - 5 if n_k > 1 else 7
@@ -74,6 +75,8 @@ def test_matches_torch_selection(case):
         fully_visible=fully_visible if full == "visibility" else None,
         forced=forced,
         threshold=torch.tensor(taus).view(1, heads, 1, 1),
+        # Whole key-block columns per (batch, head), as vertical lines are.
+        added=torch.rand(batch, heads, 1, n_k, generator=gen) < 0.2 if added else None,
     )
 
 

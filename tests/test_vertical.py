@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import xflex
 from xflex.attention import sampled_block_mass
-from xflex.attention.selection.probes import probe_query_blocks
+from xflex.attention.selection.probes import PROBE_ROWS_PER_BLOCK, probe_query_blocks
 from xflex.attention.selection.vertical import vertical_blocks
 
 
@@ -88,7 +88,7 @@ def test_plan_adds_whole_columns_found_on_exact_probe_rows(batch, kv_heads, grou
     plan = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base.__dict__, "vertical_mass": 0.01}))
     assert plain.vertical is None and torch.equal(plan.scores, plain.scores)
     probes = probe_query_blocks(plan.scores.shape[2], base.probe_blocks, causal=causal)
-    mass = sampled_block_mass(q, k, None, causal, None, 64, probes)  # explicit softmax rows
+    mass = sampled_block_mass(q, k, None, causal, None, 64, probes, rows_per_block=PROBE_ROWS_PER_BLOCK)  # softmax rows
     expected = vertical_blocks(mass, plan.scores[:, :, probes], plan.visible[:, :, probes], probes, min_mass=0.01)
     assert torch.equal(plan.vertical, expected)
     assert torch.equal(plan.selected, plain.selected | (expected & plan.visible))

@@ -17,7 +17,6 @@ from .attention import (
     KVBlocks,
     KernelName,
     attention_kernel,
-    as_kv_blocks,
     check_block_size,
     build_block_mask,
     bucketed_flex_attention,
@@ -32,6 +31,7 @@ from .attention import (
 from .attention.constants import device_constant
 from .attention.masks import visible_everywhere
 from .attention.selection.probes import (
+    PROBE_ROWS_PER_BLOCK,
     PROBE_TEMPERATURES,
     PROBE_THRESHOLDS,
     cheapest_reaching,
@@ -192,7 +192,7 @@ def call_scores(
     bs = config.block_size
     if q_blocks is not None and causal_offset is None:
         query = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
-        block_visible = None if block_visible is None else block_visible[:, :, list(q_blocks)]
+        block_visible = None if block_visible is None else _query_block_rows(block_visible, list(q_blocks))
     n_t = 1 if temperatures is None else len(temperatures)
     if n_t > 1 and block_visible is not None and block_visible.shape[1] > 1:
         block_visible = block_visible.repeat_interleave(n_t, dim=1)
@@ -290,22 +290,19 @@ def call_selection(
     # full blocks: there every selected block carries the mask_mod.
     no_full_blocks = pattern.captures_tensors and scores.device.type == "cpu"
     fully_visible = None if no_full_blocks else pattern.visibility.all
-    blocks = select_kv_blocks(
+    text = call_text_blocks(q_len, kv_len, config, scores.device, call_name)
+    added = [x for x in (text, vertical) if x is not None]
+    # Added after the cut, which is made as without them (forced blocks' mass
+    # would count toward tau and crowd out video blocks): both only add blocks.
+    return select_kv_blocks(
         scores,
         visible=pattern.visibility.any,
         fully_visible=fully_visible,
         forced=forced,
         threshold=threshold,
+        added=functools.reduce(torch.logical_or, added) if added else None,
         backend=config.backend,
     )
-    text = call_text_blocks(q_len, kv_len, config, scores.device, call_name)
-    added = [x for x in (text, vertical) if x is not None]
-    if not added:
-        return blocks
-    # Added after the cut, which is made as without them (forced blocks' mass
-    # would count toward tau and crowd out video blocks): both only add blocks.
-    extra = functools.reduce(torch.logical_or, added)
-    return as_kv_blocks(blocks.selected | (extra & pattern.visibility.any), fully_visible)
 
 
 def _probe_blocks(q_len: int, pattern: CallPattern, config: Config) -> list[int]:
@@ -318,8 +315,14 @@ def _probe_rows(
 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """The call's probe query blocks and their rows of the visible and forced blocks."""
     probes = _probe_blocks(q_len, pattern, config)
-    forced = call_forced_blocks(pattern, q_len, kv_len, config, device)[:, :, probes]
-    return probes, pattern.visibility.any[:, :, probes], forced
+    forced = call_forced_blocks(pattern, q_len, kv_len, config, device)
+    return probes, _query_block_rows(pattern.visibility.any, probes), _query_block_rows(forced, probes)
+
+
+def _query_block_rows(blocks: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``blocks[:, :, rows]`` without the host synchronisation that indexing a
+    GPU tensor with a Python list costs (its index is copied from pageable memory)."""
+    return blocks.index_select(2, device_constant(tuple(rows), blocks.device, torch.int64))
 
 
 def probe_mass(
@@ -334,7 +337,10 @@ def probe_mass(
     """``(B, H, P, nK)`` exact attention mass per key block of the call's
     ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`)."""
     probes = _probe_blocks(query.shape[2], pattern, config)
-    return exact_block_mass(query, key, attn_mask, is_causal, scale, config.block_size, probes, backend=config.backend)
+    return exact_block_mass(
+        query, key, attn_mask, is_causal, scale, config.block_size, probes, rows_per_block=PROBE_ROWS_PER_BLOCK,
+        backend=config.backend,
+    )
 
 
 def call_vertical_blocks(scores: torch.Tensor, mass: torch.Tensor, pattern: CallPattern, config: Config) -> torch.Tensor:
@@ -346,7 +352,8 @@ def call_vertical_blocks(scores: torch.Tensor, mass: torch.Tensor, pattern: Call
     """
     probes = _probe_blocks(pattern.shape[2], pattern, config)
     return vertical_blocks(
-        mass, scores[:, :, probes], pattern.visibility.any[:, :, probes], probes, min_mass=config.vertical_mass
+        mass, _query_block_rows(scores, probes), _query_block_rows(pattern.visibility.any, probes), probes,
+        min_mass=config.vertical_mass,
     )
 
 

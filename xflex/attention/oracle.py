@@ -12,11 +12,8 @@ import torch
 
 from .constants import device_constant
 from .backends import Backend, uses_triton
-from .scoring import score_blocks
 
-__all__ = ["exact_block_mass", "oracle_block_counts", "sample_query_blocks", "sampled_block_mass"]
-
-_MAX_TILES_PER_BLOCK = 128  # the scorers' limit on block_size // stride
+__all__ = ["exact_block_mass", "oracle_block_counts", "query_block_rows", "sample_query_blocks", "sampled_block_mass"]
 
 
 def sample_query_blocks(num_query_blocks: int, samples: int) -> list[int]:
@@ -24,6 +21,20 @@ def sample_query_blocks(num_query_blocks: int, samples: int) -> list[int]:
     if num_query_blocks <= samples:
         return list(range(num_query_blocks))
     return sorted(set(torch.linspace(0, num_query_blocks - 1, samples).round().long().tolist()))
+
+
+def query_block_rows(q_len: int, block_size: int, block: int, rows_per_block: int | None) -> list[int]:
+    """The rows of query block ``block`` that stand for it: all of them, or
+    ``rows_per_block`` evenly spaced ones, the block's last row included.
+
+    Example:
+        >>> query_block_rows(300, 128, 1, 4), query_block_rows(300, 128, 2, None)[:3]
+        ([159, 191, 223, 255], [256, 257, 258])
+    """
+    lo, count = block * block_size, min(block_size, q_len - block * block_size)
+    if rows_per_block is None or rows_per_block >= count:
+        return list(range(lo, lo + count))
+    return [lo + (i + 1) * count // rows_per_block - 1 for i in range(rows_per_block)]
 
 
 def sampled_block_mass(
@@ -34,6 +45,8 @@ def sampled_block_mass(
     scale: float | None,
     block_size: int,
     q_blocks: Sequence[int],
+    *,
+    rows_per_block: int | None = None,
 ) -> torch.Tensor:
     """Exact attention mass per key block for the given query blocks.
 
@@ -41,6 +54,8 @@ def sampled_block_mass(
         query: ``(B, Hq, Lq, D)``; key ``(B, Hkv, Lk, D)`` (GQA when Hq > Hkv).
         attn_mask, is_causal, scale: as in SDPA (``is_causal`` is top-left).
         q_blocks: query block indices.
+        rows_per_block: average over this many evenly spaced rows of each
+            block (:func:`query_block_rows`) rather than all of them.
 
     Returns:
         ``(B, Hq, len(q_blocks), ceil(Lk / block_size))`` fp32: each query
@@ -62,18 +77,17 @@ def sampled_block_mass(
         keys_t = key[:, kv_head, None].float().transpose(-1, -2)  # (B, 1, D, Lk)
         mask_heads = heads if attn_mask is not None and attn_mask.shape[1] > 1 else slice(None)
         for column, block in enumerate(q_blocks):
-            lo, hi = block * block_size, min(Lq, (block + 1) * block_size)
-            logits = (query[:, heads, lo:hi].float() @ keys_t) * scale
+            rows = torch.tensor(query_block_rows(Lq, block_size, block, rows_per_block), device=query.device)
+            logits = (query[:, heads, rows].float() @ keys_t) * scale
             if is_causal:
-                hidden = torch.arange(Lk, device=query.device) > torch.arange(lo, hi, device=query.device)[:, None]
-                logits = logits.masked_fill(hidden, float("-inf"))
+                logits = logits.masked_fill(torch.arange(Lk, device=query.device) > rows[:, None], float("-inf"))
             elif attn_mask is not None:
                 mask = attn_mask[:, mask_heads]
-                mask = mask if mask.shape[-2] == 1 else mask[..., lo:hi, :]
+                mask = mask if mask.shape[-2] == 1 else mask[..., rows, :]
                 logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
             probs = torch.softmax(logits, -1).nan_to_num(0.0)  # rows that see no key: all zero
             padded = torch.nn.functional.pad(probs, (0, n_k * block_size - Lk))
-            out[:, heads, column] = padded.view(B, group, hi - lo, n_k, block_size).sum((2, 4)) / (hi - lo)
+            out[:, heads, column] = padded.view(B, group, len(rows), n_k, block_size).sum((2, 4)) / len(rows)
     return out
 
 
@@ -86,35 +100,33 @@ def exact_block_mass(
     block_size: int,
     q_blocks: Sequence[int],
     *,
+    rows_per_block: int | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
-    """:func:`sampled_block_mass`, fast where the call allows: the block scorer
-    at stride 1 is exact attention (a 1 x 1 tile's antidiagonal is its entry),
-    so on CUDA one fused kernel gives every probe row's block masses. It takes
-    calls without a mask, and causal calls whose blocks are the last ones
-    (one causal alignment); other calls take :func:`sampled_block_mass`.
+    """:func:`sampled_block_mass`, in one Triton kernel where the call allows
+    (``oracle_kernel``: calls without ``attn_mask``); other calls take
+    :func:`sampled_block_mass`.
 
     Example:
         >>> q = k = torch.randn(1, 2, 512, 64)
-        >>> exact_block_mass(q, k, None, True, None, 128, [2, 3]).sum(-1)
+        >>> exact_block_mass(q, k, None, True, None, 128, [2, 3], rows_per_block=16).sum(-1)
         tensor([[[1.0000, 1.0000],
                  [1.0000, 1.0000]]])
     """
-    n_q = math.ceil(query.shape[2] / block_size)
     blocks = list(q_blocks)
-    last_blocks = blocks == list(range(n_q - len(blocks), n_q))
-    fits = block_size <= _MAX_TILES_PER_BLOCK and attn_mask is None and (last_blocks or not is_causal)
-    if not fits or not uses_triton(backend, query):
-        return sampled_block_mass(query, key, attn_mask, is_causal, scale, block_size, blocks)
-    start = blocks[0] * block_size
-    rows = query[:, :, start:] if is_causal else torch.cat([query[:, :, b * block_size : (b + 1) * block_size] for b in blocks], 2)
-    # The Triton kernel: the Gluon one was never run at stride 1.
-    sums = score_blocks(
-        rows, key, stride=1, block_size=block_size, scale=scale, causal_offset=start if is_causal else None, backend="triton"
-    )
-    # Each block's rows sum to its row count (the last may be ragged): the mean row.
-    counts = device_constant(tuple(min(block_size, query.shape[2] - b * block_size) for b in blocks), query.device)
-    return sums / counts[:, None]
+    if attn_mask is not None or not uses_triton(backend, query):
+        return sampled_block_mass(
+            query, key, attn_mask, is_causal, scale, block_size, blocks, rows_per_block=rows_per_block
+        )
+    from .oracle_kernel import row_block_mass_triton
+
+    rows = [query_block_rows(query.shape[2], block_size, block, rows_per_block) for block in blocks]
+    positions = device_constant(tuple(sum(rows, [])), query.device, torch.int32)
+    mass = row_block_mass_triton(query, key, positions, is_causal=is_causal, scale=scale, block_size=block_size)
+    counts = [len(r) for r in rows]
+    if len(set(counts)) == 1:  # one view, not a mean per block
+        return mass.unflatten(2, (len(blocks), counts[0])).mean(3)
+    return torch.stack([part.mean(2) for part in mass.split(counts, 2)], 2)
 
 
 def oracle_block_counts(mass: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ def select_kv_blocks(
     fully_visible: torch.Tensor | None,
     forced: torch.Tensor,
     threshold: torch.Tensor,
+    added: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> KVBlocks:
     """Threshold selection, then the kept blocks split into full (entirely
@@ -41,6 +42,9 @@ def select_kv_blocks(
         fully_visible: bool, broadcastable; None: no full blocks.
         forced: bool, broadcastable; kept first, their mass counts toward tau.
         threshold: ``(1, H|1, 1, 1)`` fp32 per-head thresholds in (0, 1].
+        added: bool, broadcastable, or None; kept where visible after the cut,
+            which is made as without them (their mass does not count toward
+            tau): vertical lines, a joint call's text blocks.
         backend: ``"torch"`` (the reference), ``"triton"`` / ``"gluon"`` (the
             Triton kernel), ``"auto"`` (Triton on CUDA when installed).
 
@@ -55,7 +59,7 @@ def select_kv_blocks(
         >>> blocks.full_kv_num_blocks, blocks.full_kv_indices
         (tensor([[[2]]], dtype=torch.int32), tensor([[[[1, 2, 0]]]], dtype=torch.int32))
     """
-    kwargs = dict(visible=visible, fully_visible=fully_visible, forced=forced, threshold=threshold)
+    kwargs = dict(visible=visible, fully_visible=fully_visible, forced=forced, threshold=threshold, added=added)
     if uses_triton(backend, scores):
         from .triton_kernel import select_kv_blocks_triton
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PROBE_TEMPERATURES", "PROBE_THRESHOLDS", "cheapest_reaching", "probe_query_blocks", "threshold_rule_on_probes"]
+__all__ = ["PROBE_ROWS_PER_BLOCK", "PROBE_TEMPERATURES", "PROBE_THRESHOLDS", "cheapest_reaching", "probe_query_blocks", "threshold_rule_on_probes"]
 
 # Candidate thresholds; 1.0 keeps every visible block, so some setting always
 # reaches any target.
@@ -24,6 +24,11 @@ PROBE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
 # Candidate scorer temperatures (multiplying the reduced logits): 1 is the
 # paper's estimate; up to S undoes the 1/S of a single hot product.
 PROBE_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+# Rows of each probe block whose exact attention stands for the block (evenly
+# spaced, its last included): hot keys and the estimate's misses are shared by
+# most rows of a block, so a quarter of a 128-row block finds them for a
+# quarter of the exact pass's time (bench/RESULTS.md, "Probe rows").
+PROBE_ROWS_PER_BLOCK = 32
 
 
 def probe_query_blocks(n_query_blocks: int, count: int, *, causal: bool) -> list[int]:

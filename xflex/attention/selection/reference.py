@@ -89,11 +89,16 @@ def select_kv_blocks_reference(
     fully_visible: torch.Tensor | None,
     forced: torch.Tensor,
     threshold: torch.Tensor,
+    added: torch.Tensor | None = None,
 ) -> KVBlocks:
-    """:func:`select_blocks`, then the kept blocks split into full (entirely
-    visible under the mask) and partial, each laid out by :func:`to_kv_blocks`
-    (arguments as in ``xflex.attention.selection.select_kv_blocks``)."""
-    return as_kv_blocks(select_blocks(scores, visible=visible, forced=forced, threshold=threshold), fully_visible)
+    """:func:`select_blocks`, plus the ``added`` blocks where visible, then
+    the kept blocks split into full (entirely visible under the mask) and
+    partial, each laid out by :func:`to_kv_blocks` (arguments as in
+    ``xflex.attention.selection.select_kv_blocks``)."""
+    selected = select_blocks(scores, visible=visible, forced=forced, threshold=threshold)
+    if added is not None:
+        selected |= added & visible
+    return as_kv_blocks(selected, fully_visible)
 
 
 def as_kv_blocks(selected: torch.Tensor, fully_visible: torch.Tensor | None) -> KVBlocks:

@@ -37,6 +37,7 @@ def _select_kv_blocks_kernel(
     visible_ptr,
     full_ptr,
     forced_ptr,
+    added_ptr,
     tau_ptr,
     selected_ptr,
     kv_num_ptr,
@@ -55,11 +56,15 @@ def _select_kv_blocks_kernel(
     stride_cb,
     stride_ch,
     stride_cq,
+    stride_ab,
+    stride_ah,
+    stride_aq,
     stride_tau_h,
     num_heads,
     n_q,
     n_k,
     HAS_FULL: tl.constexpr,
+    HAS_ADDED: tl.constexpr,
     N_PADDED: tl.constexpr,
 ):
     """Scores' and the masks' last dim is contiguous; outputs are contiguous."""
@@ -107,6 +112,9 @@ def _select_kv_blocks_kernel(
     selected = forced | above | (tied & (kept_above + tied_before < budget))
     # tau >= 1 keeps every visible block by rule: a float cumsum stops short of 1.
     selected = tl.where(tau >= 1.0, visible, selected)
+    if HAS_ADDED:  # after the cut, which they do not change
+        selected = selected | (tl.load(added_ptr + b * stride_ab + h * stride_ah + q * stride_aq + offs, mask=in_row, other=0) != 0)
+        selected = selected & visible
 
     row = bh.to(tl.int64) * n_q + q
     tl.store(selected_ptr + row * n_k + offs, selected.to(tl.uint8), mask=in_row)
@@ -134,6 +142,7 @@ def select_kv_blocks_triton(
     fully_visible: torch.Tensor | None,
     forced: torch.Tensor,
     threshold: torch.Tensor,
+    added: torch.Tensor | None = None,
 ) -> KVBlocks:
     """``select_kv_blocks_reference``, fused.
 
@@ -143,6 +152,7 @@ def select_kv_blocks_triton(
         fully_visible: bool, broadcastable: selected blocks the mask leaves
             entirely visible become "full" blocks; None makes every block partial.
         threshold: ``(1, H|1, 1, 1)`` fp32 per-head thresholds.
+        added: bool, broadcastable, or None: kept where visible after the cut.
 
     Returns:
         :class:`KVBlocks`: the bool selection and its partial/full kv layout.
@@ -168,6 +178,7 @@ def select_kv_blocks_triton(
     visible_bytes = _as_bytes(visible, scores.shape)
     forced_bytes = _as_bytes(forced, scores.shape)
     full_bytes = visible_bytes if fully_visible is None else _as_bytes(fully_visible, scores.shape)
+    added_bytes = forced_bytes if added is None else _as_bytes(added, scores.shape)
     tau = threshold.to(device=device, dtype=torch.float32).expand(1, H, 1, 1)
     n_padded = triton.next_power_of_2(n_k)
     _select_kv_blocks_kernel[(n_q, B * H)](
@@ -175,6 +186,7 @@ def select_kv_blocks_triton(
         visible_bytes,
         full_bytes,
         forced_bytes,
+        added_bytes,
         tau,
         selected.view(torch.uint8),
         kv_num,
@@ -185,11 +197,13 @@ def select_kv_blocks_triton(
         *visible_bytes.stride()[:3],
         *full_bytes.stride()[:3],
         *forced_bytes.stride()[:3],
+        *added_bytes.stride()[:3],
         tau.stride(1),
         H,
         n_q,
         n_k,
         HAS_FULL=fully_visible is not None,
+        HAS_ADDED=added is not None,
         N_PADDED=n_padded,
         num_warps=max(1, min(8, n_padded // 1024)),  # best on an H100 from 8K to 256K tokens
     )
