@@ -59,11 +59,12 @@ class Config:
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"threshold"``); 1.0 keeps every visible block.
             A sequence gives one value per query head.
-        probe_blocks: query blocks per call whose exact attention finds the
-            vertical lines (``vertical_mass``) and calibrates the
-            ``"adaptive"`` method, and on which the break-even forecast
-            reads the selection's density (the last ones of a causal call,
-            spread over the sequence otherwise).
+        probe_blocks: query blocks per call whose exact attention (on 32
+            evenly spaced rows of each) finds the vertical lines
+            (``vertical_mass``) and calibrates the ``"adaptive"`` method,
+            and on which the break-even forecast reads the selection's
+            density (the last ones of a causal call, spread over the
+            sequence otherwise).
         vertical_mass: a key block whose true attention mass on the probe
             rows exceeds the estimate's share by at least this much (the
             mean over probe rows) is kept in every row that sees it, on top
