@@ -21,15 +21,17 @@ def _vertical_loop(mass, scores, visible, probes, min_mass):
     out = torch.zeros(B, H, 1, nK, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
-            deficits = [0.0] * nK
+            deficits = [[] for _ in range(nK)]
             for p in range(P):
                 est = [scores[b, h, p, j].item() if visible[b, h, p, j] else 0.0 for j in range(nK)]
                 total = sum(est)
                 for j in range(nK):
                     share = est[j] / total if total > 0 else 0.0
-                    deficits[j] += max(0.0, mass[b, h, p, j].item() - share) / P
+                    deficits[j].append(max(0.0, mass[b, h, p, j].item() - share))
             for j in range(nK):
-                out[b, h, 0, j] = deficits[j] >= min_mass and all(abs(j - probe) > 1 for probe in probes)
+                d = deficits[j]
+                trimmed = (sum(d) - max(d)) / (P - 1) if P > 1 else d[0]  # all but the largest probe's
+                out[b, h, 0, j] = trimmed >= min_mass and all(abs(j - probe) > 1 for probe in probes)
     return out
 
 
