@@ -10,8 +10,8 @@ columns (MInference's "vertical lines") matter to most rows, so every row
 that sees it keeps it. The largest is left out because a block that only
 one probe attends to is that probe's local attention (a video's
 neighbouring frames, which the estimate underrates on sharp heads): adding
-it to every row took a 76.8K video call from density 0.25 to 0.33
-(bench/RESULTS.md, "Probe rows"). Blocks the estimate already rates
+it to every row cost a sharp video call at 16K 0.017 of density for no
+recall (bench/RESULTS.md, "Probe rows"). Blocks the estimate already rates
 correctly (topics, local neighbourhoods) have no deficit and are not added:
 the rule costs no blocks on smooth attention (bench/RESULTS.md, "Vertical
 lines").
