@@ -77,7 +77,7 @@ def sampled_block_mass(
         keys_t = key[:, kv_head, None].float().transpose(-1, -2)  # (B, 1, D, Lk)
         mask_heads = heads if attn_mask is not None and attn_mask.shape[1] > 1 else slice(None)
         for column, block in enumerate(q_blocks):
-            rows = torch.tensor(query_block_rows(Lq, block_size, block, rows_per_block), device=query.device)
+            rows = device_constant(tuple(query_block_rows(Lq, block_size, block, rows_per_block)), query.device, torch.int64)
             logits = (query[:, heads, rows].float() @ keys_t) * scale
             if is_causal:
                 logits = logits.masked_fill(torch.arange(Lk, device=query.device) > rows[:, None], float("-inf"))

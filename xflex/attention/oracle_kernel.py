@@ -172,7 +172,8 @@ def row_block_mass_triton(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     _row_block_lse_kernel[lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), B * Hq, parts)](
         query, key, rows, lse, row_lse, *query.stride(), *key.stride(), Hq, Hq // key.shape[1], R, Lk,
-        scale * _LOG2E, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_size, HAS_CAUSAL=is_causal, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        scale * _LOG2E, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_size,
+        HAS_CAUSAL=is_causal, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     total = torch.logsumexp(row_lse * math.log(2.0), 1) / math.log(2.0)  # (B*H, R): the parts combined
     mass = torch.exp2(lse - total[..., None]).nan_to_num_(0.0)  # a row that sees no key: zeros
