@@ -11,19 +11,32 @@ import torch
 from xflex.benchmark.timing import best_dense_sdpa, dense_sdpa, time_ms
 from xflex.config import Config
 
-__all__ = ["DEFAULT_PRECISION", "DEFAULT_SCORER", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
+__all__ = ["DEFAULT_PRECISION", "DEFAULT_REDUCTION", "DEFAULT_SCORER", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
 
 DEFAULT_SCORER = Config().scorer
 DEFAULT_PRECISION = Config().scoring_precision
+DEFAULT_REDUCTION = Config().scoring_reduction
 DEFAULT_VERTICAL_MASS = Config().vertical_mass
 
 
-def setting_name(method: str, scorer: str, precision: str = DEFAULT_PRECISION, vertical_mass: float = DEFAULT_VERTICAL_MASS) -> str:
+def setting_name(
+    method: str,
+    scorer: str,
+    precision: str = DEFAULT_PRECISION,
+    vertical_mass: float = DEFAULT_VERTICAL_MASS,
+    reduction: str = DEFAULT_REDUCTION,
+) -> str:
     """A selection setting as the bench tables name it: the method, then
-    ``+scorer``, ``+precision`` and ``+vertical=X`` where they are not the
-    defaults (``"threshold+antidiagonal"``, ``"threshold+fp8"``, ``"threshold+vertical=0"``)."""
+    ``+scorer``, ``+precision``, ``+vertical=X`` and ``+reduction`` where they
+    are not the defaults (``"threshold+antidiagonal"``, ``"threshold+fp8"``,
+    ``"threshold+vertical=0"``, ``"threshold+max"``)."""
     vertical = f"vertical={vertical_mass:g}"
-    defaults = ((scorer, DEFAULT_SCORER), (precision, DEFAULT_PRECISION), (vertical, f"vertical={DEFAULT_VERTICAL_MASS:g}"))
+    defaults = (
+        (scorer, DEFAULT_SCORER),
+        (precision, DEFAULT_PRECISION),
+        (vertical, f"vertical={DEFAULT_VERTICAL_MASS:g}"),
+        (reduction, DEFAULT_REDUCTION),
+    )
     return "+".join([method] + [x for x, default in defaults if x != default])
 
 

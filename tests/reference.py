@@ -51,9 +51,10 @@ PAIRED_QUERY = {
 
 
 def antidiagonal_scores_naive(
-    q, k, *, stride, block_size, scale=None, causal_offset=None, block_visible=None, pairing="antidiagonal"
+    q, k, *, stride, block_size, scale=None, causal_offset=None, block_visible=None, pairing="antidiagonal", reduction="mean"
 ):
-    """The XAttention block score by explicit loops over tiles (slow, obvious)."""
+    """The XAttention block score by explicit loops over tiles (slow, obvious);
+    a pair past either sequence's end has product 0, as a zero row gives."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     S = stride
@@ -74,12 +75,11 @@ def antidiagonal_scores_naive(
                         bv = block_visible[min(b, block_visible.shape[0] - 1), min(h, block_visible.shape[1] - 1)]
                         if not bv[t * S // block_size, u * S // block_size]:
                             continue
-                    total = 0.0
+                    products = []
                     for r in range(S):
                         qi, ki = t * S + PAIRED_QUERY[pairing](r, S), u * S + r
-                        if qi < Lq and ki < Lk:
-                            total += float(qd[b, h, qi] @ kd[b, kh, ki])
-                    logits[t, u] = total * scale / S
+                        products.append(float(qd[b, h, qi] @ kd[b, kh, ki]) if qi < Lq and ki < Lk else 0.0)
+                    logits[t, u] = (sum(products) / S if reduction == "mean" else max(products)) * scale
             probs = torch.softmax(logits, -1).nan_to_num(0.0)
             for t in range(n_qt):
                 for u in range(n_kt):

@@ -30,6 +30,7 @@ import xflex
         ({"enabled": "yes"}, "enabled"),
         ({"backend": "cuda"}, "backend"),
         ({"method": "xattention"}, "method"),
+        ({"scoring_reduction": "sum"}, "scoring_reduction"),
         ({"probe_blocks": 0}, "probe_blocks"),
         ({"dense_row_blocks": -1}, "dense_row_blocks"),
         ({"attention_kernel": "cudnn"}, "attention_kernel"),

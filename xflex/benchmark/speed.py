@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..attention import attention_kernel
-from ..attention.scoring import Pairing, Precision
+from ..attention.scoring import Pairing, Precision, Reduction
 from ..config import Config
 from ..context import sparsity
 from ..op import sparse_sdpa
@@ -74,6 +74,7 @@ def run(
     stride: int = 8,
     scorer: Pairing = Config.scorer,
     scoring_precision: Precision = Config.scoring_precision,
+    scoring_reduction: Reduction = Config.scoring_reduction,
     vertical_mass: float = Config.vertical_mass,
     sharpness: float | None = None,
     break_even: bool = True,
@@ -121,7 +122,8 @@ def run(
             for method in methods:
                 for kernel in kernels:
                     config = Config(
-                        method=method, scorer=scorer, scoring_precision=scoring_precision, threshold=threshold,
+                        method=method, scorer=scorer, scoring_precision=scoring_precision,
+                        scoring_reduction=scoring_reduction, threshold=threshold,
                         vertical_mass=vertical_mass, stride=stride, attention_kernel=kernel, break_even=break_even,
                     )  # fmt: skip
 

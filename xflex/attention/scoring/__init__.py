@@ -14,13 +14,24 @@ import torch
 
 from ..backends import Backend, interpreting, uses_triton
 from .fp8 import PRECISIONS, Precision, fp8_per_head, head_scales
-from .reference import PAIRINGS, Pairing, antidiagonal_block_scores, paired_query_rows, reduced_tile_visible
+from .reference import (
+    PAIRINGS,
+    REDUCTIONS,
+    Pairing,
+    Reduction,
+    antidiagonal_block_scores,
+    paired_query_rows,
+    reduced_tile_visible,
+    validate_reduction,
+)
 
 __all__ = [
     "PAIRINGS",
     "PRECISIONS",
+    "REDUCTIONS",
     "Pairing",
     "Precision",
+    "Reduction",
     "antidiagonal_block_scores",
     "paired_query_rows",
     "reduced_tile_visible",
@@ -36,7 +47,9 @@ __all__ = [
 _GLUON_MIN_MACS = 2**39
 
 
-def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible) -> str | None:
+def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible, reduction: Reduction) -> str | None:
+    if reduction != "mean":
+        return "it sums a tile's products in one MMA (reduction='mean' only)"
     if not q.is_cuda or interpreting():
         return "it runs on CUDA tensors only"
     try:
@@ -52,12 +65,13 @@ def scoring_backend(
     *,
     stride: int,
     block_visible: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
     backend: Backend = "auto",
 ) -> Literal["torch", "triton", "gluon"]:
     """The scorer :func:`score_blocks` runs for these inputs.
 
     ``"auto"`` takes the Gluon kernel where it runs (Hopper, fp16/bf16, lengths
-    no ``block_visible``) and the call is large enough to pay
+    no ``block_visible``, the mean reduction) and the call is large enough to pay
     for its costlier launch (~32K tokens and up), else Triton on CUDA, else
     torch. Raises ValueError when ``backend="gluon"`` cannot run them.
 
@@ -70,7 +84,7 @@ def scoring_backend(
         return "torch"
     if backend == "triton":
         return "triton"
-    reason = _gluon_unsupported_reason(query, key, stride, block_visible)
+    reason = _gluon_unsupported_reason(query, key, stride, block_visible, reduction)
     if reason is not None and backend == "gluon":
         raise ValueError(f"backend='gluon' cannot score these inputs: {reason}")
     B, Hq, Lq, D = query.shape
@@ -88,6 +102,7 @@ def score_blocks(
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
     pairing: Pairing = "antidiagonal",
+    reduction: Reduction = "mean",
     precision: Precision = "input",
     backend: Backend = "auto",
 ) -> torch.Tensor:
@@ -106,6 +121,9 @@ def score_blocks(
         pairing: which query row each key row of an ``S x S`` tile pairs with:
             ``"antidiagonal"`` (the paper's) or ``"interleaved"``
             (:func:`paired_query_rows`).
+        reduction: how a tile's S paired products become its reduced logit:
+            ``"mean"`` (the paper's) or ``"max"`` (``reference`` explains
+            why; the Triton scorer runs it where the Gluon one would).
         precision: ``"input"`` multiplies q and k as given; ``"fp8"``, where
             the Gluon scorer runs, rounds them to e4m3 with a power-of-two
             scale per head first (:func:`fp8.fp8_per_head`) and multiplies
@@ -126,11 +144,12 @@ def score_blocks(
     """
     kwargs = dict(
         stride=stride, block_size=block_size, scale=scale, causal_offset=causal_offset, block_visible=block_visible,
-        pairing=pairing,
+        pairing=pairing, reduction=reduction,
     )  # fmt: skip
+    validate_reduction(reduction)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, but got precision={precision!r}")
-    kernel = scoring_backend(query, key, stride=stride, block_visible=block_visible, backend=backend)
+    kernel = scoring_backend(query, key, stride=stride, block_visible=block_visible, reduction=reduction, backend=backend)
     if precision == "fp8" and kernel == "gluon":
         from .triton_kernel import antidiagonal_block_scores_triton
 

@@ -16,6 +16,14 @@ pairing (query ``2r``, then ``2r-(S-1)``: the perfect shuffle) has offsets
 ``0..S/2-1`` and ``-(S/2-1)..0``: every residue mod S but S/2, each once per
 S rows, where the antidiagonal has its odd ones twice (bench/RESULTS.md,
 "The interleaved pairing").
+
+A reduced logit is the tile's S paired products reduced one of two ways
+(``Reduction``): their mean (the paper's; one matmul over the concatenated
+rows), or their max. Attention's mass in a tile is the mean of the
+products' exponentials, which the exponential of their mean underrates
+by far where logits vary a lot from row to row (keys of large norm: needles,
+hot keys; a sharp neighbourhood's peak): the max follows the mass there
+(bench/RESULTS.md, "The max reduction").
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from einops import rearrange
 __all__ = [
     "PAIRINGS",
     "Pairing",
+    "REDUCTIONS",
+    "Reduction",
     "antidiagonal_block_scores",
     "paired_query_rows",
     "reduced_tile_visible",
@@ -38,6 +48,10 @@ __all__ = [
 Pairing = Literal["antidiagonal", "interleaved"]
 """Which query row of an ``S x S`` tile each key row's product pairs with."""
 PAIRINGS: tuple[str, ...] = get_args(Pairing)
+
+Reduction = Literal["mean", "max"]
+"""How a tile's S paired products become its reduced logit."""
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 def paired_query_rows(stride: int, pairing: Pairing) -> list[int]:
@@ -63,6 +77,11 @@ def reduced_tile_visible(
     return k_tiles[None, :] * stride <= q_tiles[:, None] * stride + stride - 1 + causal_offset
 
 
+def validate_reduction(reduction: object) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, but got reduction={reduction!r}")
+
+
 def validate_scoring_inputs(q: torch.Tensor, k: torch.Tensor, stride: int, block_size: int) -> None:
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D (B, H, L, D), but got q.dim()={q.dim()} and k.dim()={k.dim()}")
@@ -84,6 +103,7 @@ def antidiagonal_block_scores(
     causal_offset: int | None = None,
     block_visible: torch.Tensor | None = None,
     pairing: Pairing = "antidiagonal",
+    reduction: Reduction = "mean",
     chunk_tokens: int = 16384,
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in plain torch.
@@ -93,14 +113,17 @@ def antidiagonal_block_scores(
         k: ``(B, Hkv, Lk, D)`` keys; ``Hq`` a multiple of ``Hkv`` (GQA, no copies).
         stride: antidiagonal length ``S``; must divide ``block_size``.
         block_size: attention block size ``Bs``.
-        scale: softmax scale of the attention (``1/sqrt(D)`` when None); the
-            antidiagonal sum is further divided by ``S`` (a mean of S products).
+        scale: softmax scale of the attention (``1/sqrt(D)`` when None),
+            applied to the reduced logit.
         causal_offset: None for no causal mask, else the diagonal offset
             (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
         block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
             invisible blocks are left out of the softmax (padding, windows).
         pairing: which query row each key row of a tile pairs with
             (:func:`paired_query_rows`; the paper's antidiagonal by default).
+        reduction: the reduced logit is the mean of the tile's S paired
+            products (the paper's) or their max (``Reduction``). Rows past
+            the sequence are zero vectors: their products are 0 in either.
         chunk_tokens: queries scored at a time, bounding the reduced matrix.
 
     Returns:
@@ -114,6 +137,7 @@ def antidiagonal_block_scores(
         torch.Size([1, 4, 3, 3])
     """
     validate_scoring_inputs(q, k, stride, block_size)
+    validate_reduction(reduction)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     S, tiles_per_block = stride, block_size // stride
@@ -123,11 +147,13 @@ def antidiagonal_block_scores(
 
     # Zero rows pad the ragged last tile: they add nothing to a dot product.
     k_pad = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kt * S - Lk))
-    k_tiles = rearrange(k_pad, "b h (u s) d -> b h 1 u (s d)", s=S)
+    k_tiles = rearrange(k_pad, "b h (u s) d -> b h 1 s u d", s=S)
     q_pad = torch.nn.functional.pad(q.float(), (0, 0, 0, n_qt * S - Lq))
     q_tiles = rearrange(q_pad, "b (h g) (t s) d -> b h g t s d", s=S, h=Hkv)
-    q_tiles = q_tiles[..., paired_query_rows(S, pairing), :]
-    q_tiles = rearrange(q_tiles, "b h g t s d -> b h g t (s d)")
+    q_tiles = rearrange(q_tiles[..., paired_query_rows(S, pairing), :], "b h g t s d -> b h g s t d")
+    if reduction == "mean":  # the mean of the products is one matmul over the concatenated rows
+        k_tiles = rearrange(k_tiles, "b h 1 s u d -> b h 1 1 u (s d)")
+        q_tiles = rearrange(q_tiles, "b h g s t d -> b h g 1 t (s d)")
 
     u = torch.arange(n_kt, device=q.device)
     if block_visible is not None:
@@ -136,10 +162,13 @@ def antidiagonal_block_scores(
         tile_visible = rearrange(tile_visible.expand(B, -1, -1, -1), "b (h g) t u -> b h g t u", h=1 if tile_visible.shape[1] == 1 else Hkv)
 
     scores = q.new_zeros((B, Hkv, Hq // Hkv, n_qb * tiles_per_block, n_kb * tiles_per_block), dtype=torch.float32)
-    chunk_tiles = max(tiles_per_block, (chunk_tokens // block_size) * tiles_per_block)
+    # The max holds S products per reduced logit: S times fewer rows at a time.
+    chunk_blocks = chunk_tokens // block_size // (1 if reduction == "mean" else S)
+    chunk_tiles = max(1, chunk_blocks) * tiles_per_block
     for t0 in range(0, n_qt, chunk_tiles):
         t1 = min(n_qt, t0 + chunk_tiles)
-        logits = (q_tiles[..., t0:t1, :] @ k_tiles.transpose(-1, -2)) * (scale / S)
+        products = q_tiles[..., t0:t1, :] @ k_tiles.transpose(-1, -2)  # (b, h, g, S or 1, t, u)
+        logits = products[..., 0, :, :] * (scale / S) if reduction == "mean" else products.amax(-3) * scale
         visible = torch.ones((t1 - t0, n_kt), dtype=torch.bool, device=q.device)
         if causal_offset is not None:
             t = torch.arange(t0, t1, device=q.device)

@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..backends import interpreting
-from .reference import PAIRINGS, Pairing, validate_scoring_inputs
+from .reference import PAIRINGS, Pairing, Reduction, validate_reduction, validate_scoring_inputs
 
 __all__ = ["CONFIGS", "antidiagonal_block_scores_triton", "normalise_kernel", "scores_kernel"]
 
@@ -97,8 +97,10 @@ def _reduced_logits(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    MAX_REDUCTION: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` fp32 antidiagonal sums: reduction column ``r*D + d``
+    """``[BLOCK_M, BLOCK_N]`` fp32 antidiagonal sums (``MAX_REDUCTION``: the
+    largest of the S paired products instead): reduction column ``r*D + d``
     pairs query row ``t*S + S-1-r`` (``INTERLEAVED``: ``t*S + sigma(r)``,
     ``reference.paired_query_rows``) with key row ``u*S + r``; rows past the
     sequence read as zero. ``q_rows``/``k_cols`` point at rows ``t*S + S-1`` and
@@ -113,6 +115,8 @@ def _reduced_logits(
     q_lo = (q_row_last - q_len + 1)[:, None]  # query row t has sub-row r iff r >= q_lo[t]
     k_hi = (k_len - k_row_first)[None, :]  # key row u has sub-row r iff r < k_hi[u]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if MAX_REDUCTION:
+        best = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
     for step in range(STRIDE * D_CHUNKS):
         r = step // D_CHUNKS
         d0 = (step % D_CHUNKS) * BLOCK_K
@@ -127,6 +131,12 @@ def _reduced_logits(
         q_tile = tl.load(q_ptrs + (d0 * stride_qd - back * stride_ql), mask=q_mask, other=0.0)
         k_tile = tl.load(k_ptrs + (d0 * stride_kd + r * stride_kl), mask=k_mask, other=0.0)
         acc = tl.dot(q_tile, k_tile, acc, input_precision=DOT_PRECISION)
+        if MAX_REDUCTION:
+            if step % D_CHUNKS == D_CHUNKS - 1:  # offset r's product is complete
+                best = tl.maximum(best, acc)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if MAX_REDUCTION:
+        return best
     return acc
 
 
@@ -158,6 +168,7 @@ def _online_softmax_tile(
     HAS_BLOCK_VISIBLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    MAX_REDUCTION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -206,6 +217,7 @@ def _online_softmax_tile(
             BLOCK_K,
             DOT_PRECISION,
             INTERLEAVED,
+            MAX_REDUCTION,
         )
         x = logits * qk_scale
         if MASKED:
@@ -233,7 +245,7 @@ def _online_softmax_tile(
 
 @triton.autotune(
     configs=CONFIGS,
-    key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE", "SPLIT_KEYS"],
+    key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE", "SPLIT_KEYS", "MAX_REDUCTION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -274,6 +286,7 @@ def scores_kernel(
     SPLIT_KEYS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVED: tl.constexpr,
+    MAX_REDUCTION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -333,14 +346,14 @@ def scores_kernel(
             q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
             stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
             MASKED=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
-            INTERLEAVED=INTERLEAVED, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            INTERLEAVED=INTERLEAVED, MAX_REDUCTION=MAX_REDUCTION, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     for u0 in range(tl.maximum(range_start, unmasked_end), range_end, BLOCK_N):
         m_i, l_i = _online_softmax_tile(
             q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
             stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
             MASKED=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
-            INTERLEAVED=INTERLEAVED, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            INTERLEAVED=INTERLEAVED, MAX_REDUCTION=MAX_REDUCTION, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
     # Each row's log2-sum-exp2 over this range (-inf: it sees no key here); the
@@ -475,6 +488,7 @@ def antidiagonal_block_scores_triton(
     use_gluon: bool = False,
     key_ranges: int | None = None,
     pairing: Pairing = "antidiagonal",
+    reduction: Reduction = "mean",
     head_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block importance scores from antidiagonal sums, in one fused Triton kernel.
@@ -488,8 +502,8 @@ def antidiagonal_block_scores_triton(
         k: ``(B, Hkv, Lk, D)`` keys of q's dtype; ``Hq`` a multiple of ``Hkv``.
         stride: antidiagonal length ``S``; ``block_size // S`` a power of two <= 128.
         block_size: attention block size ``Bs``.
-        scale: softmax scale of the attention (``1/sqrt(D)`` when None); the
-            antidiagonal sum is further divided by ``S``.
+        scale: softmax scale of the attention (``1/sqrt(D)`` when None),
+            applied to the reduced logit.
         causal_offset: None for no causal mask, else the diagonal offset
             (0: top-left ``is_causal``; ``Lk - Lq``: bottom-right).
         block_visible: optional ``(B|1, Hq|1, nQ, nK)`` bool; key tiles in
@@ -502,6 +516,9 @@ def antidiagonal_block_scores_triton(
             do not, as for a few probe rows; 1 on the CPU).
         pairing: which query row each key row of a tile pairs with
             (``reference.paired_query_rows``).
+        reduction: the reduced logit is the mean of the tile's S paired
+            products or their max (``reference.Reduction``); the Gluon
+            kernel sums them in one MMA and takes the mean only.
         head_scale: with ``use_gluon`` only, for e4m3 q and k
             (``fp8.fp8_per_head``): per query head, the factor their products
             are multiplied by (``fp8.head_scales``).
@@ -529,6 +546,9 @@ def antidiagonal_block_scores_triton(
         raise ValueError(f"key_ranges must be None or a positive int, but got key_ranges={key_ranges!r}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, but got pairing={pairing!r}")
+    validate_reduction(reduction)
+    if use_gluon and reduction != "mean":
+        raise ValueError(f"the Gluon scorer takes reduction='mean' only, but got reduction={reduction!r}")
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
@@ -564,7 +584,7 @@ def antidiagonal_block_scores_triton(
             tile_start=tile_start,
             chunk=chunk,
             diag_shift=diag_shift,
-            qk_scale=scale / S * _LOG2E,
+            qk_scale=(scale / S if reduction == "mean" else scale) * _LOG2E,
             causal=causal_offset is not None,
             interleaved=pairing == "interleaved",
         )
@@ -573,8 +593,9 @@ def antidiagonal_block_scores_triton(
         else:
             has_block_visible = block_visible is not None
             _launch_triton_scorer(
-                q, k, scratch, row_lse, visible=visible, has_block_visible=has_block_visible, key_ranges=parts, **launch_args
-            )
+                q, k, scratch, row_lse, visible=visible, has_block_visible=has_block_visible, key_ranges=parts,
+                max_reduction=reduction == "max", **launch_args,
+            )  # fmt: skip
         normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), B * Hq)](
             scratch,
             row_lse,
@@ -632,6 +653,7 @@ def _launch_triton_scorer(
     qk_scale: float,
     causal: bool,
     interleaved: bool,
+    max_reduction: bool,
 ) -> None:
     """``scores_kernel`` on query rows ``[tile_start, tile_start +
     chunk)``, each row's keys in ``key_ranges`` parts; ``gluon_kernel.launch``'s contract."""
@@ -664,6 +686,7 @@ def _launch_triton_scorer(
         SPLIT_KEYS=key_ranges > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERLEAVED=interleaved,
+        MAX_REDUCTION=max_reduction,
         FAST_LOG2=q.device.type != "cpu",  # the interpreter (CPU tensors) lacks libdevice
         BLOCK_K=_block_k(D),
     )
