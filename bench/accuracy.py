@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench import texts
-from bench.common import DEFAULT_PRECISION, DEFAULT_SCORER, DEFAULT_VERTICAL_MASS, setting_name
+from bench.common import DEFAULT_PRECISION, DEFAULT_REDUCTION, DEFAULT_SCORER, DEFAULT_VERTICAL_MASS, setting_name
 from xflex import demo
 from xflex.attention.backends import BACKENDS
 
@@ -38,22 +38,23 @@ DEFAULT_SETTINGS = ["threshold:0.9", "threshold:0.95", "adaptive:0.9", "adaptive
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """``method[+scorer][+precision][+vertical=X]:threshold`` (stride from ``--stride``)."""
+    """``method[+scorer][+precision][+vertical=X][+reduction]:threshold`` (stride from ``--stride``)."""
 
     method: str
     threshold: float
     scorer: str = DEFAULT_SCORER
     precision: str = DEFAULT_PRECISION
     vertical_mass: float = DEFAULT_VERTICAL_MASS
+    reduction: str = DEFAULT_REDUCTION
 
     @staticmethod
     def parse(text: str) -> Setting:
-        from xflex.attention.scoring import PAIRINGS, PRECISIONS
+        from xflex.attention.scoring import PAIRINGS, PRECISIONS, REDUCTIONS
         from xflex.config import METHODS
 
         error = argparse.ArgumentTypeError(
-            f"expected METHOD[+SCORER][+PRECISION][+vertical=X]:THRESHOLD with METHOD in {METHODS}, "
-            f"SCORER in {PAIRINGS} and PRECISION in {PRECISIONS}, but got {text!r}"
+            f"expected METHOD[+SCORER][+PRECISION][+vertical=X][+REDUCTION]:THRESHOLD with METHOD in {METHODS}, "
+            f"SCORER in {PAIRINGS}, PRECISION in {PRECISIONS} and REDUCTION in {REDUCTIONS}, but got {text!r}"
         )
         name, _, threshold = text.partition(":")
         method, *options = name.split("+")
@@ -63,6 +64,8 @@ class Setting:
                 field, value = "scorer", option
             elif option in PRECISIONS:
                 field, value = "precision", option
+            elif option in REDUCTIONS:
+                field, value = "reduction", option
             elif option.startswith("vertical="):
                 field, value = "vertical_mass", option.removeprefix("vertical=")
             else:
@@ -82,7 +85,7 @@ class Setting:
 
     @property
     def name(self) -> str:
-        return f"{setting_name(self.method, self.scorer, self.precision, self.vertical_mass)} {self.threshold:g}"
+        return f"{setting_name(self.method, self.scorer, self.precision, self.vertical_mass, self.reduction)} {self.threshold:g}"
 
 
 @dataclasses.dataclass
@@ -114,7 +117,8 @@ def run_prompt(model, compiled, tokenizer, prompt, text, seed, settings, args) -
         result = demo.run_sparse(
             compiled, tokenizer, prompt, new_tokens=args.new_tokens, dynamic_length=True,
             method=setting.method, threshold=setting.threshold, scorer=setting.scorer,
-            scoring_precision=setting.precision, vertical_mass=setting.vertical_mass, stride=args.stride, backend=args.backend,
+            scoring_precision=setting.precision, scoring_reduction=setting.reduction, vertical_mass=setting.vertical_mass,
+            stride=args.stride, backend=args.backend,
             break_even=False,  # the selection's own accuracy, also where a GPU would run these lengths dense
         )  # fmt: skip
         density = result.stats.density

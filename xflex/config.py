@@ -58,14 +58,14 @@ class Config:
         scoring_reduction: how each tile's S paired products become one
             logit of the estimate: ``"mean"`` (XAttention's) or ``"max"``.
             The mean's exponential underrates tiles whose products vary
-            (needles, hot keys, sharp neighbourhoods); the max keeps SmolLM2's
-            worst head rows at 0.93-0.94 (mean: 0.46-0.60, 0.78-0.84 with
-            vertical lines) and sharp video-like attention at 0.035 density
-            (mean: 0.26) for the same recall, but misses slash lines at
-            offsets the pairing never crosses (spiky family: recall 0.95, worst
-            row 0.81). Same cost in the Triton scorer; the Gluon scorer takes
-            the mean only, so ``"max"`` runs on Triton (bench/RESULTS.md,
-            "The max reduction").
+            (needles, hot keys, sharp neighbourhoods); the max lifts SmolLM2's
+            worst head rows to 0.93-0.94 (mean: 0.71-0.84) with fewer blocks
+            and keeps sharp video-like attention at density 0.009 (mean:
+            0.33) for recall 0.99, but misses slash lines at offsets the
+            pairing never crosses (spiky family: recall 0.90, worst row
+            0.71, where the mean's flat estimate keeps nearly every block).
+            The Gluon scorer takes the mean only, so ``"max"`` runs on the
+            Triton scorer (bench/RESULTS.md, "The max reduction").
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"threshold"``); 1.0 keeps every visible block.
