@@ -63,7 +63,8 @@ class Config:
             and keeps sharp video-like attention at density 0.009 (mean:
             0.33) for recall 0.99, but misses slash lines at offsets the
             pairing never crosses (spiky family: recall 0.90, worst row
-            0.71, where the mean's flat estimate keeps nearly every block).
+            0.71, where the mean's flat estimate keeps nearly every block),
+            and lost 2 of SmolLM2's 18 harness retrievals that the mean keeps.
             The Gluon scorer takes the mean only, so ``"max"`` runs on the
             Triton scorer (bench/RESULTS.md, "The max reduction").
         threshold: tau in (0, 1], the share of attention mass to keep: of the
