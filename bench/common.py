@@ -11,12 +11,13 @@ import torch
 from xflex.benchmark.timing import best_dense_sdpa, dense_sdpa, time_ms
 from xflex.config import Config
 
-__all__ = ["DEFAULT_PRECISION", "DEFAULT_REDUCTION", "DEFAULT_SCORER", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
+__all__ = ["DEFAULT_PRECISION", "DEFAULT_REDUCTION", "DEFAULT_SCORER", "DEFAULT_SLASH_MASS", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
 
 DEFAULT_SCORER = Config().scorer
 DEFAULT_PRECISION = Config().scoring_precision
 DEFAULT_REDUCTION = Config().scoring_reduction
 DEFAULT_VERTICAL_MASS = Config().vertical_mass
+DEFAULT_SLASH_MASS = Config().slash_mass
 
 
 def setting_name(
@@ -25,17 +26,19 @@ def setting_name(
     precision: str = DEFAULT_PRECISION,
     vertical_mass: float = DEFAULT_VERTICAL_MASS,
     reduction: str = DEFAULT_REDUCTION,
+    slash_mass: float = DEFAULT_SLASH_MASS,
 ) -> str:
     """A selection setting as the bench tables name it: the method, then
-    ``+scorer``, ``+precision``, ``+vertical=X`` and ``+reduction`` where they
-    are not the defaults (``"threshold+antidiagonal"``, ``"threshold+fp8"``,
-    ``"threshold+vertical=0"``, ``"threshold+max"``)."""
-    vertical = f"vertical={vertical_mass:g}"
+    ``+scorer``, ``+precision``, ``+vertical=X``, ``+reduction`` and
+    ``+slash=X`` where they are not the defaults (``"threshold+antidiagonal"``,
+    ``"threshold+fp8"``, ``"threshold+vertical=0"``, ``"threshold+max"``,
+    ``"threshold+slash=0.005"``)."""
     defaults = (
         (scorer, DEFAULT_SCORER),
         (precision, DEFAULT_PRECISION),
-        (vertical, f"vertical={DEFAULT_VERTICAL_MASS:g}"),
+        (f"vertical={vertical_mass:g}", f"vertical={DEFAULT_VERTICAL_MASS:g}"),
         (reduction, DEFAULT_REDUCTION),
+        (f"slash={slash_mass:g}", f"slash={DEFAULT_SLASH_MASS:g}"),
     )
     return "+".join([method] + [x for x, default in defaults if x != default])
 

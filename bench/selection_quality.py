@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import xflex
 from bench import texts
-from bench.common import DEFAULT_PRECISION, DEFAULT_REDUCTION, DEFAULT_SCORER, DEFAULT_VERTICAL_MASS, setting_name
+from bench.common import DEFAULT_PRECISION, DEFAULT_REDUCTION, DEFAULT_SCORER, DEFAULT_SLASH_MASS, DEFAULT_VERTICAL_MASS, setting_name
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
@@ -76,9 +76,10 @@ def measure(
     precisions: tuple[str, ...] = (DEFAULT_PRECISION,),
     vertical_masses: tuple[float, ...] = (DEFAULT_VERTICAL_MASS,),
     reductions: tuple[str, ...] = (DEFAULT_REDUCTION,),
+    slash_masses: tuple[float, ...] = (DEFAULT_SLASH_MASS,),
 ) -> list[Point]:
     """Every method and threshold of ``methods``, with each scorer, scoring
-    precision, vertical-line mass and scoring reduction, on one call (named
+    precision, vertical-line mass, scoring reduction and slash-line mass, on one call (named
     by ``bench.common.setting_name``)."""
     config = xflex.Config(block_size=128, min_seq_len=0, stride=stride)
     n_q = math.ceil(q.shape[2] / config.block_size)
@@ -87,16 +88,17 @@ def measure(
     visible = call_pattern(q, k, None, causal, config.block_size).visibility.any[:, :, rows].float()
     n_visible = visible.sum(-1)
     points = []
-    for scorer, precision, vertical_mass, reduction in itertools.product(scorers, precisions, vertical_masses, reductions):
+    grid = itertools.product(scorers, precisions, vertical_masses, reductions, slash_masses)
+    for scorer, precision, vertical_mass, reduction, slash_mass in grid:
         # fp8: what the Gluon scorer multiplies, on every device (elsewhere the
         # option is ignored): q and k rounded here, the true mass kept unrounded.
         q_est, k_est = (q, k) if precision == "input" else (dequantize(*fp8_per_head(x), x.dtype) for x in (q, k))
         for method, thresholds in methods.items():
-            name = setting_name(method, scorer, precision, vertical_mass, reduction)
+            name = setting_name(method, scorer, precision, vertical_mass, reduction, slash_mass)
             for threshold in thresholds:
                 run = dataclasses.replace(
                     config, method=method, threshold=threshold, scorer=scorer, scoring_precision=precision,
-                    vertical_mass=vertical_mass, scoring_reduction=reduction,
+                    vertical_mass=vertical_mass, scoring_reduction=reduction, slash_mass=slash_mass,
                 )  # fmt: skip
                 selected = xflex.plan(q_est, k_est, is_causal=causal, config=run).selected[:, :, rows]
                 recall = (mass * selected).sum(-1)
@@ -226,6 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--thresholds", type=float, nargs="+", default=None, help="replace each method's threshold grid (METHODS)")
     parser.add_argument("--reductions", nargs="+", default=[DEFAULT_REDUCTION], choices=list(REDUCTIONS), help="scoring reduction(s)")
     parser.add_argument("--vertical-masses", type=float, nargs="+", default=[DEFAULT_VERTICAL_MASS], help="vertical_mass value(s) (0: off)")
+    parser.add_argument("--slash-masses", type=float, nargs="+", default=[DEFAULT_SLASH_MASS], help="slash_mass value(s) (0: off)")
     parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot-dir", type=Path, default=None, help="one PNG per family / text here (needs matplotlib)")
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
         scorers=tuple(args.scorers),
         precisions=tuple(args.precisions),
         vertical_masses=tuple(args.vertical_masses),
+        slash_masses=tuple(args.slash_masses),
         reductions=tuple(args.reductions),
     )
     device = torch.device(args.device)

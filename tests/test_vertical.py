@@ -88,11 +88,11 @@ def test_plan_adds_whole_columns_found_on_exact_probe_rows(batch, kv_heads, grou
     base = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, vertical_mass=0.0)
     plain = xflex.plan(q, k, is_causal=causal, config=base)
     plan = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base.__dict__, "vertical_mass": 0.01}))
-    assert plain.vertical is None and torch.equal(plan.scores, plain.scores)
+    assert plain.lines is None and torch.equal(plan.scores, plain.scores)
     probes = probe_query_blocks(plan.scores.shape[2], base.probe_blocks, causal=causal)
     mass = sampled_block_mass(q, k, None, causal, None, 64, probes, rows_per_block=PROBE_ROWS_PER_BLOCK)  # softmax rows
     expected = vertical_blocks(mass, plan.scores[:, :, probes], plan.visible[:, :, probes], probes, min_mass=0.01)
-    assert torch.equal(plan.vertical, expected)
+    assert torch.equal(plan.lines, expected)
     assert torch.equal(plan.selected, plain.selected | (expected & plan.visible))
 
 

@@ -110,8 +110,9 @@ class Calibration:
         sampled = dict(visible=pattern.visibility.any[:, :, q_blocks], forced=forced[:, :, q_blocks])
         text = call_text_blocks(args.q_len, args.kv_len, config, scores.device, call_name)
         text = False if text is None else text[:, :, q_blocks]  # joint calls keep these too
-        if plan.vertical is not None:
-            text = text | plan.vertical  # and every row keeps the vertical lines
+        if plan.lines is not None:  # and every row keeps its vertical and slash lines
+            lines = plan.lines.expand(-1, -1, scores.shape[2], -1)
+            text = text | lines[:, :, q_blocks]
         recalls = torch.stack(
             [
                 ((mass * (select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled) | text)).sum(-1) * sees).sum((0, 2))

@@ -84,6 +84,13 @@ class Config:
             dilutes (``xflex.attention.selection.vertical``). 0 turns it off.
             Costs one exact-attention pass over the probe rows
             (bench/RESULTS.md, "Vertical lines").
+        slash_mass: a block diagonal (query block - key block) whose true
+            mass on the probe rows exceeds the estimate's share by at least
+            this much (the mean over probe rows) is kept in every row:
+            attention a fixed distance back (slash lines), at offsets the
+            estimate's pairing may never sample
+            (``xflex.attention.selection.slash``). 0 turns it off. Shares
+            the vertical lines' exact pass over the probe rows.
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
@@ -134,6 +141,7 @@ class Config:
     threshold: Threshold = 0.99
     probe_blocks: int = 4
     vertical_mass: float = 0.005
+    slash_mass: float = 0.0
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     text_tokens_by_call: tuple[tuple[str, int], ...] = ()
     stride: int = 8
@@ -315,9 +323,6 @@ def _validate_config(c: Config) -> None:
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)
-    _check(
-        isinstance(c.vertical_mass, (int, float)) and not isinstance(c.vertical_mass, bool) and 0 <= c.vertical_mass < 1,
-        "vertical_mass",
-        "a float in [0, 1) (0: off)",
-        c.vertical_mass,
-    )
+    for name in ("vertical_mass", "slash_mass"):
+        value = getattr(c, name)
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, name, "a float in [0, 1) (0: off)", value)

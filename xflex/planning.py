@@ -38,6 +38,7 @@ from .attention.selection.probes import (
     probe_query_blocks,
     threshold_rule_on_probes,
 )
+from .attention.selection.slash import slash_blocks
 from .attention.selection.vertical import vertical_blocks
 from .config import Config
 
@@ -47,7 +48,7 @@ __all__ = [
     "call_scores",
     "call_selection",
     "call_text_blocks",
-    "call_vertical_blocks",
+    "call_line_blocks",
     "density_of_counts",
     "plan",
     "probe_calibration",
@@ -68,8 +69,8 @@ class Plan:
         scale: the call's softmax scale (None: ``1/sqrt(E)``).
         for_backward: the BlockMask also carries the q-major indices gradients need.
         kernel: the FlexAttention kernel :meth:`attend` runs.
-        vertical: ``(B, Hq, 1, nK)`` bool, the vertical lines the selection
-            added to every row (None: the rule was off).
+        lines: ``(B, Hq, 1 | nQ, nK)`` bool, the blocks of vertical and slash
+            lines the selection added to every row (None: both rules were off).
     """
 
     pattern: CallPattern
@@ -79,7 +80,7 @@ class Plan:
     scale: float | None
     for_backward: bool = False
     kernel: KernelName = "triton"
-    vertical: torch.Tensor | None = None
+    lines: torch.Tensor | None = None
 
     @functools.cached_property
     def block_mask(self) -> BlockMask:
@@ -265,11 +266,11 @@ def call_selection(
     call_name: str = "",
     *,
     threshold: torch.Tensor | None = None,
-    vertical: torch.Tensor | None = None,
+    lines: torch.Tensor | None = None,
 ) -> KVBlocks:
     """Stage 2 for one call: forced blocks plus the threshold cut, plus the
-    text blocks of a joint call and the vertical lines, in FlexAttention's
-    kv layout.
+    text blocks of a joint call and the vertical and slash lines, in
+    FlexAttention's kv layout.
 
     Args:
         scores: the call's block scores.
@@ -278,8 +279,8 @@ def call_selection(
             the text tokens from ``config.text_tokens_by_call``.
         threshold: ``(1, H, 1, 1)`` per-head thresholds instead (what
         :func:`probe_calibration` chose).
-        vertical: ``(B, H, 1, nK)`` bool key blocks every row keeps where it
-            sees them (:func:`call_vertical_blocks`).
+        lines: ``(B, H, 1 | nQ, nK)`` bool blocks kept where visible
+            (:func:`call_line_blocks`).
 
     Example:
         >>> blocks = call_selection(scores, pattern, q.shape[2], k.shape[2], config)   # doctest: +SKIP
@@ -292,7 +293,7 @@ def call_selection(
     no_full_blocks = pattern.captures_tensors and scores.device.type == "cpu"
     fully_visible = None if no_full_blocks else pattern.visibility.all
     text = call_text_blocks(q_len, kv_len, config, scores.device, call_name)
-    added = [x for x in (text, vertical) if x is not None]
+    added = [x for x in (text, lines) if x is not None]
     # Added after the cut, which is made as without them (forced blocks' mass
     # would count toward tau and crowd out video blocks): both only add blocks.
     return select_kv_blocks(
@@ -344,18 +345,26 @@ def probe_mass(
     )
 
 
-def call_vertical_blocks(scores: torch.Tensor, mass: torch.Tensor, pattern: CallPattern, config: Config) -> torch.Tensor:
-    """``(B, H, 1, nK)`` bool: the call's vertical lines (``config.vertical_mass``),
-    from its block scores and its probe rows' :func:`probe_mass`.
+def call_line_blocks(scores: torch.Tensor, mass: torch.Tensor, pattern: CallPattern, config: Config) -> torch.Tensor | None:
+    """The blocks of the call's vertical lines (``config.vertical_mass``;
+    ``(B, H, 1, nK)`` bool) and slash lines (``config.slash_mass``; then
+    ``(B, H, nQ, nK)``), from its block scores and its probe rows'
+    :func:`probe_mass`; None where both rules are off.
 
     Example:
-        >>> vertical = call_vertical_blocks(scores, probe_mass(q, k, None, True, None, pattern, config), pattern, config)   # doctest: +SKIP
+        >>> lines = call_line_blocks(scores, probe_mass(q, k, None, True, None, pattern, config), pattern, config)   # doctest: +SKIP
     """
     probes = _probe_blocks(pattern.shape[2], pattern, config)
-    return vertical_blocks(
-        mass, _query_block_rows(scores, probes), _query_block_rows(pattern.visibility.any, probes), probes,
-        min_mass=config.vertical_mass,
+    probe_scores, probe_visible = _query_block_rows(scores, probes), _query_block_rows(pattern.visibility.any, probes)
+    vertical = None
+    if config.vertical_mass > 0:
+        vertical = vertical_blocks(mass, probe_scores, probe_visible, probes, min_mass=config.vertical_mass)
+    if config.slash_mass == 0:
+        return vertical
+    slash = slash_blocks(
+        mass, probe_scores, probe_visible, probes, n_query_blocks=scores.shape[2], min_mass=config.slash_mass, vertical=vertical
     )
+    return slash if vertical is None else slash | vertical
 
 
 def probe_calibration(
@@ -481,16 +490,16 @@ def plan(
     threshold = config.threshold_tensor(query.shape[1], query.device, call_name)
     sparse = config.threshold_for(call_name) != 1.0
     adaptive = config.method == "adaptive" and sparse
-    finds_vertical = config.vertical_mass > 0 and sparse
-    mass = probe_mass(query, key, attn_mask, is_causal, scale, pattern, config) if adaptive or finds_vertical else None
+    finds_lines = (config.vertical_mass > 0 or config.slash_mass > 0) and sparse
+    mass = probe_mass(query, key, attn_mask, is_causal, scale, pattern, config) if adaptive or finds_lines else None
     scoring_query = query
     if adaptive:
         temperature, threshold = probe_calibration(query, key, attn_mask, is_causal, scale, pattern, config, threshold, mass=mass)
         # Temperatures are powers of two: exact in any float dtype.
         scoring_query = query * temperature.to(query.dtype)
     scores = call_scores(scoring_query, key, pattern, config, scale)
-    vertical = call_vertical_blocks(scores, mass, pattern, config) if finds_vertical else None
-    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold, vertical=vertical)
+    lines = call_line_blocks(scores, mass, pattern, config) if finds_lines else None
+    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold, lines=lines)
     kernel = attention_kernel(
         config.attention_kernel,
         query,
@@ -500,4 +509,4 @@ def plan(
         captures_tensors=pattern.captures_tensors,
         needs_grad=for_backward,
     )
-    return Plan(pattern, scores, blocks, config.block_size, scale, for_backward, kernel, vertical)
+    return Plan(pattern, scores, blocks, config.block_size, scale, for_backward, kernel, lines)

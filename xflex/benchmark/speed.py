@@ -76,6 +76,7 @@ def run(
     scoring_precision: Precision = Config.scoring_precision,
     scoring_reduction: Reduction = Config.scoring_reduction,
     vertical_mass: float = Config.vertical_mass,
+    slash_mass: float = Config.slash_mass,
     sharpness: float | None = None,
     break_even: bool = True,
     backward: bool = False,
@@ -124,7 +125,7 @@ def run(
                     config = Config(
                         method=method, scorer=scorer, scoring_precision=scoring_precision,
                         scoring_reduction=scoring_reduction, threshold=threshold,
-                        vertical_mass=vertical_mass, stride=stride, attention_kernel=kernel, break_even=break_even,
+                        vertical_mass=vertical_mass, slash_mass=slash_mass, stride=stride, attention_kernel=kernel, break_even=break_even,
                     )  # fmt: skip
 
                     # Named, as the backend names a model's calls: the call site keeps a density history.

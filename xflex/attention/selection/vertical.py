@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-__all__ = ["vertical_blocks"]
+__all__ = ["mean_but_largest", "probe_deficit", "vertical_blocks"]
 
 
 def vertical_blocks(
@@ -60,13 +60,26 @@ def vertical_blocks(
         >>> vertical_blocks(mass, est, torch.tensor(True), [3], min_mass=0.05)
         tensor([[[[False,  True, False, False]]]])
     """
+    # The mean of all but the largest: one probe's local attention is no column.
+    deficit = mean_but_largest(probe_deficit(probe_mass, probe_scores, probe_visible), dim=2)
+    return (deficit >= min_mass) & _away_from(tuple(probe_blocks), probe_scores.shape[-1], probe_scores.device)
+
+
+def probe_deficit(probe_mass: torch.Tensor, probe_scores: torch.Tensor, probe_visible: torch.Tensor) -> torch.Tensor:
+    """``(B, H, P, nK)``: per probe row and key block, the true mass minus the
+    estimate's share of its row (the scores normalised over visible blocks), or 0."""
     visible = probe_visible.expand_as(probe_scores)
     estimate = probe_scores.float().masked_fill(~visible, 0.0)
     estimate = estimate / estimate.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    deficit = (probe_mass - estimate).clamp_min(0.0)
-    if deficit.shape[2] > 1:  # the mean of all but the largest: one probe's local attention is no column
-        deficit = (deficit.sum(2, keepdim=True) - deficit.amax(2, keepdim=True)) / (deficit.shape[2] - 1)
-    return (deficit >= min_mass) & _away_from(tuple(probe_blocks), probe_scores.shape[-1], probe_scores.device)
+    return (probe_mass - estimate).clamp_min(0.0)
+
+
+def mean_but_largest(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean over ``dim`` of all values but the largest (kept as a size-1
+    dim); the value itself where ``dim`` has one."""
+    if values.shape[dim] == 1:
+        return values
+    return (values.sum(dim, keepdim=True) - values.amax(dim, keepdim=True)) / (values.shape[dim] - 1)
 
 
 @functools.lru_cache(maxsize=64)
