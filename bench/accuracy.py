@@ -50,23 +50,23 @@ class Setting:
 
     @staticmethod
     def parse(text: str) -> Setting:
-        from xflex.attention.scoring import PAIRINGS, PRECISIONS, REDUCTIONS
-        from xflex.config import METHODS
+        from xflex.attention.scoring import PAIRINGS, PRECISIONS
+        from xflex.config import METHODS, SCORING_REDUCTIONS as REDUCTIONS
 
         error = argparse.ArgumentTypeError(
             f"expected METHOD[+SCORER][+PRECISION][+vertical=X][+REDUCTION][+slash=X]:THRESHOLD with METHOD in {METHODS}, "
             f"SCORER in {PAIRINGS}, PRECISION in {PRECISIONS} and REDUCTION in {REDUCTIONS}, but got {text!r}"
         )
         name, _, threshold = text.partition(":")
-        method, *options = name.split("+")
+        method, *options = name.replace("+mean+max", "+mean|max").split("+")  # one reduction
         fields = {}
         for option in options:
             if option in PAIRINGS:
                 field, value = "scorer", option
             elif option in PRECISIONS:
                 field, value = "precision", option
-            elif option in REDUCTIONS:
-                field, value = "reduction", option
+            elif option.replace("|", "+") in REDUCTIONS:
+                field, value = "reduction", option.replace("|", "+")
             elif option.startswith("vertical="):
                 field, value = "vertical_mass", option.removeprefix("vertical=")
             elif option.startswith("slash="):

@@ -34,7 +34,8 @@ from bench.common import DEFAULT_PRECISION, DEFAULT_REDUCTION, DEFAULT_SCORER, D
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
-from xflex.attention.scoring import PAIRINGS, PRECISIONS, REDUCTIONS
+from xflex.attention.scoring import PAIRINGS, PRECISIONS
+from xflex.config import SCORING_REDUCTIONS
 from xflex.attention.scoring.fp8 import dequantize, fp8_per_head
 
 METHODS = {"threshold": (0.8, 0.9, 0.95, 0.98, 0.99), "adaptive": (0.8, 0.9, 0.95, 0.98)}
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="+", default=[DEFAULT_PRECISION], choices=list(PRECISIONS), help="scoring precision(s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--thresholds", type=float, nargs="+", default=None, help="replace each method's threshold grid (METHODS)")
-    parser.add_argument("--reductions", nargs="+", default=[DEFAULT_REDUCTION], choices=list(REDUCTIONS), help="scoring reduction(s)")
+    parser.add_argument("--reductions", nargs="+", default=[DEFAULT_REDUCTION], choices=list(SCORING_REDUCTIONS), help="scoring reduction(s)")
     parser.add_argument("--vertical-masses", type=float, nargs="+", default=[DEFAULT_VERTICAL_MASS], help="vertical_mass value(s) (0: off)")
     parser.add_argument("--slash-masses", type=float, nargs="+", default=[DEFAULT_SLASH_MASS], help="slash_mass value(s) (0: off)")
     parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")

@@ -137,3 +137,47 @@ def test_reduction_option_reaches_the_scorer(monkeypatch):
         xflex.sparse_sdpa(x, x, x, is_causal=True, config=config)
     xflex.sparse_sdpa(x, x, x, is_causal=True, config=config)
     assert seen == ["max", "mean"]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 3]),
+    length=st.integers(300, 900),  # ragged: not a multiple of the block or the stride
+    causal=st.booleans(),
+    vertical_mass=st.sampled_from([0.0, 0.01]),
+    seed=st.integers(0, 2**16),
+)
+def test_mean_plus_max_keeps_the_blocks_either_cut_keeps(batch, kv_heads, group, length, causal, vertical_mass, seed):
+    """``"mean+max"``: the mean's selection (its lines included) united with
+    the max's cut at the same threshold; the plan's scores stay the mean's."""
+    import xflex
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, length, 32, generator=gen)
+    k = torch.randn(batch, kv_heads, length, 32, generator=gen)
+    k[:, :, torch.randint(0, length, (4,), generator=gen)] *= 4  # large-norm keys: the two estimates differ
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=vertical_mass)
+    plans = {
+        reduction: xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base, scoring_reduction=reduction))
+        for reduction in ("mean", "mean+max")
+    }
+    max_cut = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base, "vertical_mass": 0.0}, scoring_reduction="max"))
+    assert torch.equal(plans["mean+max"].scores, plans["mean"].scores)
+    assert torch.equal(plans["mean+max"].selected, plans["mean"].selected | max_cut.selected)
+
+
+def test_mean_plus_max_adds_blocks_and_other_spellings_are_refused():
+    import xflex
+
+    assert xflex.Config(scoring_reduction="mean+max").reductions == ("mean", "max")
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 1024, 32, generator=gen), torch.randn(1, 2, 1024, 32, generator=gen)
+    k[:, :, torch.randint(0, 1024, (4,), generator=gen)] *= 4
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8)
+    kept = {r: xflex.plan(q, k, is_causal=True, config=xflex.Config(**base, scoring_reduction=r)).selected.sum() for r in ("mean", "mean+max")}
+    assert kept["mean+max"] > kept["mean"]
+    for bad in ("max+mean", "mean,max", "sum"):
+        with pytest.raises(ValueError, match="scoring_reduction"):
+            xflex.Config(scoring_reduction=bad)

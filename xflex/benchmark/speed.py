@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..attention import attention_kernel
-from ..attention.scoring import Pairing, Precision, Reduction
-from ..config import Config
+from ..attention.scoring import Pairing, Precision
+from ..config import Config, ScoringReduction
 from ..context import sparsity
 from ..op import sparse_sdpa
 from ..planning import plan
@@ -74,7 +74,7 @@ def run(
     stride: int = 8,
     scorer: Pairing = Config.scorer,
     scoring_precision: Precision = Config.scoring_precision,
-    scoring_reduction: Reduction = Config.scoring_reduction,
+    scoring_reduction: ScoringReduction = Config.scoring_reduction,
     vertical_mass: float = Config.vertical_mass,
     slash_mass: float = Config.slash_mass,
     sharpness: float | None = None,
