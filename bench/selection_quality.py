@@ -116,12 +116,12 @@ def measure(
 
 @contextlib.contextmanager
 def captured_attention_inputs() -> Iterator[list[tuple]]:
-    """Record ``(q, k, attn_mask, is_causal, scale)`` of every SDPA call made inside the block (eager)."""
+    """Record ``(q, k, v, attn_mask, is_causal, scale)`` of every SDPA call made inside the block (eager)."""
     calls = []
     original = F.scaled_dot_product_attention
 
     def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        calls.append((q.detach(), k.detach(), attn_mask, is_causal, scale))
+        calls.append((q.detach(), k.detach(), v.detach(), attn_mask, is_causal, scale))
         return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
     F.scaled_dot_product_attention = recording
@@ -141,7 +141,7 @@ def smollm2_points(text_names: list[str], tokens: int, stride: int, samples: int
             model(ids)
         demo.log(f"{name}: {ids.shape[1]} tokens, {len(calls)} attention calls")
         points = []
-        for layer, (q, k, mask, causal, scale) in enumerate(calls):
+        for layer, (q, k, _, mask, causal, scale) in enumerate(calls):
             if mask is not None or not causal:
                 raise RuntimeError("SmolLM2 was expected to call SDPA with is_causal=True and no mask")
             with torch.no_grad():

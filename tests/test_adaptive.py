@@ -206,7 +206,7 @@ def test_adaptive_keeps_more_true_mass_than_the_plain_estimate_on_hot_keys():
     mass = sampled_block_mass(q, k, None, True, None, 64, rows)
     results = {}
     for method in ("threshold", "adaptive"):
-        # vertical_mass=0: against the plain estimate (vertical lines recover hot keys too, test_vertical.py)
+        # vertical_mass=0: against the plain estimate (vertical lines recover hot keys too, test_lines.py)
         config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, method=method, vertical_mass=0.0)
         selected = xflex.plan(q, k, is_causal=True, config=config).selected[:, :, rows]
         visible = torch.tensor([r + 1 for r in rows], dtype=torch.float32)

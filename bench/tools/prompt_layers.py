@@ -11,11 +11,9 @@ union of two estimates").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,23 +21,8 @@ import torch.nn.functional as F
 
 import xflex
 from bench import texts
+from bench.selection_quality import captured_attention_inputs
 from xflex import demo
-
-
-@contextlib.contextmanager
-def recorded_sdpa_calls() -> Iterator[list[tuple]]:
-    """``(q, k, v, attn_mask, is_causal, scale)`` of every SDPA call inside the block."""
-    calls, original = [], F.scaled_dot_product_attention
-
-    def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        calls.append((q, k, v, attn_mask, is_causal, scale))
-        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-
-    F.scaled_dot_product_attention = recording
-    try:
-        yield calls
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 def fact_span(prompt: demo.Prompt, tokenizer) -> slice:
@@ -77,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         path = texts.write_to(args.text, Path(folder))
         prompt = demo.build_prompt(tokenizer, tokens=args.tokens, depth=args.depth, seed=args.seed, text_path=path)
     fact = fact_span(prompt, tokenizer)
-    with torch.no_grad(), recorded_sdpa_calls() as calls:
+    with torch.no_grad(), captured_attention_inputs() as calls:
         model(prompt.input_ids)
     base = xflex.Config(block_size=128, min_seq_len=0, threshold=args.threshold)
     with torch.no_grad():
