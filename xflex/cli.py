@@ -29,8 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     from .attention.scoring import PAIRINGS, PRECISIONS
-    from .config import SCORING_REDUCTIONS
-    from .config import METHODS, Config
+    from .config import METHODS, SCORING_REDUCTIONS, Config
 
     defaults = Config()
     demo.add_argument(

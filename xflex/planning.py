@@ -30,6 +30,7 @@ from .attention import (
 )
 from .attention.constants import device_constant
 from .attention.masks import visible_everywhere
+from .attention.scoring import Reduction
 from .attention.selection.probes import (
     PROBE_ROWS_PER_BLOCK,
     PROBE_TEMPERATURES,
@@ -38,7 +39,6 @@ from .attention.selection.probes import (
     probe_query_blocks,
     threshold_rule_on_probes,
 )
-from .attention.scoring import Reduction
 from .attention.selection.slash import slash_blocks
 from .attention.selection.vertical import vertical_blocks
 from .config import Config
