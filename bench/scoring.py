@@ -3,7 +3,8 @@ with Antidiagonal Scoring", ICML 2025): fused Triton scoring plus threshold
 selection, timed against dense cuDNN attention on one GPU.
 
 Run ``python -m bench.scoring`` on a CUDA machine; ``--quick`` for 8K/16K only, ``--long`` to add 256K, ``--out FILE`` to
-save the table as markdown, ``--precision fp8`` for the e4m3 estimate. The
+save the table as markdown, ``--precision fp8`` for the e4m3 estimate,
+``--reduction max`` or ``mean+max`` for the other estimates. The
 GPU scores are checked against the plain-torch reference (of the e4m3-rounded
 inputs for fp8) at 8K before anything is timed.
 
@@ -22,6 +23,7 @@ import xflex
 from bench.common import best_dense_sdpa, peak_extra_mib, time_ms
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex.attention import call_pattern, score_blocks, scoring_backend
+from xflex.attention.scoring import REDUCTIONS
 from xflex.attention.scoring.fp8 import dequantize, fp8_per_head
 from xflex.planning import call_selection
 
@@ -36,30 +38,38 @@ _REFERENCE_MAX_LEN = 32 * _K  # the plain-torch scorer is timed up to here
 _CHECK_LEN = 8 * _K
 
 
-def score(q, k, stride, backend="auto", precision="input"):
+def score(q, k, stride, backend="auto", precision="input", reduction="mean"):
     """The scorer ``backend`` picks, on a causal call."""
-    return score_blocks(q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0, precision=precision, backend=backend)
+    return score_blocks(
+        q, k, stride=stride, block_size=_BLOCK_SIZE, causal_offset=0, precision=precision, reduction=reduction,
+        backend=backend,
+    )  # fmt: skip
 
 
-def reference_score(q, k, stride, precision="input", backend="auto"):
+def reference_score(q, k, stride, precision="input", backend="auto", reduction="mean"):
     """The plain-torch scores; for fp8 on the Gluon scorer (the one that
     multiplies fp8), of the e4m3-rounded inputs (exact in fp32)."""
-    if precision == "fp8" and scoring_backend(q, k, stride=stride, backend=backend) == "gluon":
+    if precision == "fp8" and scoring_backend(q, k, stride=stride, backend=backend, reduction=reduction) == "gluon":
         q, k = (dequantize(*fp8_per_head(x), torch.float32) for x in (q, k))
-    return score(q, k, stride, backend="torch")
+    return score(q, k, stride, backend="torch", reduction=reduction)
 
 
 def select(scores, q, k, backend="auto", threshold=_THRESHOLD):
     """``(KVBlocks, visible)``: what the op does after scoring on a causal
     call (``backend="torch"``: the reference); ``visible`` is the causal
-    block visibility."""
+    block visibility. Two estimates (``"mean+max"``): the max's cut joins the
+    mean's selection, as ``xflex.plan`` does."""
     pattern = call_pattern(q, k, None, True, _BLOCK_SIZE)
     config = xflex.Config(threshold=threshold, block_size=_BLOCK_SIZE, backend=backend)
-    blocks = call_selection(scores, pattern, q.shape[2], k.shape[2], config)
+    lines = None
+    if scores.dim() == 5:
+        lines = call_selection(scores[1], pattern, q.shape[2], k.shape[2], config).selected
+        scores = scores[0]
+    blocks = call_selection(scores, pattern, q.shape[2], k.shape[2], config, lines=lines)
     return blocks, pattern.visibility.any
 
 
-def check_against_reference(kinds, heads, kv_heads, backend="auto", precision="input") -> None:
+def check_against_reference(kinds, heads, kv_heads, backend="auto", precision="input", reduction="mean") -> None:
     """GPU scores equal the reference on the same inputs (only summation
     order differs, and for fp8 the MMAs' reduced-precision accumulation, as
     in tests/test_scoring_gluon.py); raises before any timing otherwise."""
@@ -68,7 +78,8 @@ def check_against_reference(kinds, heads, kv_heads, backend="auto", precision="i
     for kind in kinds:
         q, k, _ = make_inputs(kind, _CHECK_LEN, heads=heads, kv_heads=kv_heads)
         for stride in _STRIDES:
-            got, want = score(q, k, stride, backend, precision), reference_score(q, k, stride, precision, backend)
+            got = score(q, k, stride, backend, precision, reduction)
+            want = reference_score(q, k, stride, precision, backend, reduction)
             diff = (got - want).abs()
             print(f"check {kind} L={_CHECK_LEN} S={stride}: max diff {diff.max().item():.3g}, mean {diff.mean().item():.3g}")
             torch.testing.assert_close(got, want, **tolerance)
@@ -84,12 +95,12 @@ def describe(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flat}"
 
 
-def _kernel_config(q, k, stride, backend, precision) -> str:
+def _kernel_config(q, k, stride, backend, precision, reduction) -> str:
     """The scorer that ran, as a table cell: the Gluon kernel's config, or the
     Triton autotuner's pick."""
     from xflex.attention.scoring import triton_kernel
 
-    if scoring_backend(q, k, stride=stride, backend=backend) == "gluon":
+    if scoring_backend(q, k, stride=stride, backend=backend, reduction=reduction) == "gluon":
         from xflex.attention.scoring.gluon_kernel import KEY_RANGE, kernel_config
 
         dtype = torch.float8_e4m3fn if precision == "fp8" else q.dtype
@@ -99,7 +110,7 @@ def _kernel_config(q, k, stride, backend, precision) -> str:
     return describe(triton_kernel.scores_kernel.best_config) + ("" if precision == "input" else f" {precision}")
 
 
-def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto", precision="input"):
+def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto", precision="input", reduction="mean"):
     """Table rows for one length: one per (stride, input kind)."""
     from xflex.attention.scoring import triton_kernel
 
@@ -114,8 +125,8 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto", preci
             dense_ms = time_ms(dense)
             dense_tflops = _tflops(4 * heads * causal_pairs * head_dim, dense_ms)
         for stride in _STRIDES:
-            scores = score(q, k, stride, backend, precision)  # compiles and autotunes outside the timing
-            score_ms = time_ms(lambda: score(q, k, stride, backend, precision))
+            scores = score(q, k, stride, backend, precision, reduction)  # compiles and autotunes outside the timing
+            score_ms = time_ms(lambda: score(q, k, stride, backend, precision, reduction))
             reduced_pairs = math.ceil(length / stride) * (math.ceil(length / stride) + 1) / 2
             score_tflops = _tflops(2 * heads * reduced_pairs * stride * head_dim, score_ms)
             select_ms = time_ms(lambda: select(scores, q, k))
@@ -124,9 +135,11 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto", preci
             reference_blocks, _ = select(scores, q, k, backend="torch")
             differing = (blocks.selected != reference_blocks.selected).sum().item()
             density = blocks.selected.sum().item() / (visible.sum().item() * heads)
-            ref_ms = time_ms(lambda: reference_score(q, k, stride, precision)) if length <= _REFERENCE_MAX_LEN else None
+            ref_ms = None
+            if length <= _REFERENCE_MAX_LEN:
+                ref_ms = time_ms(lambda: reference_score(q, k, stride, precision, backend, reduction))
             scores = blocks = reference_blocks = None  # freed for the memory probe (lambdas above use them)
-            mib = peak_extra_mib(lambda: select(score(q, k, stride, backend, precision), q, k))
+            mib = peak_extra_mib(lambda: select(score(q, k, stride, backend, precision, reduction), q, k))
             rows.append(
                 dict(
                     L=f"{length // _K}K",
@@ -141,7 +154,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto", preci
                     density=f"{density:.2f}",
                     reference="-" if ref_ms is None else f"{ref_ms:.2f}",
                     memory=f"{mib:.0f}",
-                    config=_kernel_config(q, k, stride, backend, precision),
+                    config=_kernel_config(q, k, stride, backend, precision, reduction),
                 )
             )
             print(" | ".join(str(x) for x in rows[-1].values()), flush=True)
@@ -182,6 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-length", type=int, default=0, help="leave out shorter lengths")
     parser.add_argument("--precision", choices=["input", "fp8"], default="input", help="what the estimate multiplies")
     parser.add_argument("--long", action="store_true", help="add 256K")
+    parser.add_argument("--reduction", choices=list(REDUCTIONS), default="mean", help="the estimate(s) scored (default mean)")
     parser.add_argument("--out", metavar="FILE", help="also write the table as markdown to FILE")
     parser.add_argument("--inputs", choices=[*FAMILIES, "all"], default="llm", help="input family (default: llm)")
     parser.add_argument("--heads", type=int, default=32, help="query heads (default 32)")
@@ -208,14 +222,17 @@ def main(argv=None) -> None:
     title = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
         f"B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, causal, block {_BLOCK_SIZE}, tau {_THRESHOLD}, "
-        f"backend {args.backend}, precision {args.precision}"
+        f"backend {args.backend}, precision {args.precision}, reduction {args.reduction}"
     )
     print(title)
-    check_against_reference(args.kinds, args.heads, args.kv_heads, args.backend, args.precision)
+    check_against_reference(args.kinds, args.heads, args.kv_heads, args.backend, args.precision, args.reduction)
     print(" | ".join(_HEADER.values()))
     rows = []
     for length in args.lengths:
-        rows += run_case(length, args.kinds, args.heads, args.kv_heads, backend=args.backend, precision=args.precision)
+        rows += run_case(
+            length, args.kinds, args.heads, args.kv_heads, backend=args.backend, precision=args.precision,
+            reduction=args.reduction,
+        )  # fmt: skip
     table = markdown_table(rows)
     print()
     print(table)

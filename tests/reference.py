@@ -54,7 +54,12 @@ def antidiagonal_scores_naive(
     q, k, *, stride, block_size, scale=None, causal_offset=None, block_visible=None, pairing="antidiagonal", reduction="mean"
 ):
     """The XAttention block score by explicit loops over tiles (slow, obvious);
-    a pair past either sequence's end has product 0, as a zero row gives."""
+    a pair past either sequence's end has product 0, as a zero row gives.
+    ``"mean+max"``: the two estimates stacked, the mean's first."""
+    if reduction == "mean+max":
+        kwargs = dict(stride=stride, block_size=block_size, scale=scale, causal_offset=causal_offset,
+                      block_visible=block_visible, pairing=pairing)  # fmt: skip
+        return torch.stack([antidiagonal_scores_naive(q, k, reduction=r, **kwargs) for r in ("mean", "max")])
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     S = stride

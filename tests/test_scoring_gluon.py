@@ -110,6 +110,7 @@ def test_auto_takes_gluon_for_long_calls_only():
         (dict(head_dim=80), "multiple of 64"),
         (dict(block_visible=True), "block_visible"),
         (dict(reduction="max"), "reduction='mean' only"),
+        (dict(reduction="mean+max"), "reduction='mean' only"),
     ],
 )
 def test_falls_back_to_triton_where_it_cannot_run(change, reason):

@@ -24,7 +24,7 @@ def scoring_case(draw):
     masked = draw(st.booleans())
     batch = draw(st.sampled_from([1, 2]))
     pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
-    reduction = draw(st.sampled_from(["mean", "max"]))
+    reduction = draw(st.sampled_from(["mean", "max", "mean+max"]))
     return stride, block_size, hkv, groups, q_len, kv_len, offset, masked, batch, pairing, reduction
 
 

@@ -145,19 +145,22 @@ def test_interleaved_pairing_matches_reference(stride, causal_offset):
     _assert_matches_reference(q, k, stride=stride, block_size=64, causal_offset=causal_offset, pairing="interleaved")
 
 
+@pytest.mark.parametrize("reduction", ["max", "mean+max"])
 @pytest.mark.parametrize("head_dim", [16, 80, 128])  # one, five and two reduction chunks per offset
 @pytest.mark.parametrize("causal_offset", [None, 517 - 303])
-def test_max_reduction_matches_reference(head_dim, causal_offset):
-    """The max of each tile's products (``reduction="max"``) on ragged GQA rows:
-    every chunk of an offset's product summed before the max."""
+def test_max_reductions_match_reference(reduction, head_dim, causal_offset):
+    """The max of each tile's products on ragged GQA rows, alone or with the
+    mean from the same pass (``"mean+max"``): every chunk of an offset's
+    product summed before the max."""
     q, k = _inputs(2, 4, 2, 303, 517, head_dim, seed=head_dim)
-    _assert_matches_reference(q, k, stride=8, block_size=64, causal_offset=causal_offset, pairing="interleaved", reduction="max")
+    _assert_matches_reference(q, k, stride=8, block_size=64, causal_offset=causal_offset, pairing="interleaved", reduction=reduction)
 
 
-def test_max_reduction_with_block_mask_and_split_keys():
+@pytest.mark.parametrize("reduction", ["max", "mean+max"])
+def test_max_reductions_with_block_mask_and_split_keys(reduction):
     q, k = _inputs(1, 4, 2, 200, 1600, 64, seed=3)
     block_visible = _random_blocks((1, 4, 4, 25), seed=3)
-    _assert_matches_reference(q, k, stride=4, block_size=64, block_visible=block_visible, key_ranges=3, reduction="max")
+    _assert_matches_reference(q, k, stride=4, block_size=64, block_visible=block_visible, key_ranges=3, reduction=reduction)
 
 
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
@@ -375,9 +378,10 @@ class TestOnGPU:
         # Against the reference on the very same bf16 inputs only summation order differs.
         torch.testing.assert_close(got, rounded, rtol=1e-4, atol=1e-5)
 
-    def test_max_reduction_bf16(self):
+    @pytest.mark.parametrize("reduction", ["max", "mean+max"])
+    def test_max_reductions_bf16(self, reduction):
         q, k, offset = self._bf16_case(causal=True, seed=1)
-        kwargs = dict(stride=8, block_size=128, causal_offset=offset, pairing="interleaved", reduction="max")
+        kwargs = dict(stride=8, block_size=128, causal_offset=offset, pairing="interleaved", reduction=reduction)
         got = antidiagonal_block_scores_triton(q.bfloat16(), k.bfloat16(), **kwargs)
         torch.testing.assert_close(got, antidiagonal_block_scores(q.bfloat16(), k.bfloat16(), **kwargs), rtol=1e-4, atol=1e-5)
 

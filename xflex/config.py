@@ -35,11 +35,10 @@ computed, so that the kept blocks hold ``threshold`` of the *true* mass there
 (``xflex.attention.selection.probes``)."""
 METHODS: tuple[str, ...] = get_args(Method)
 
-ScoringReduction = Literal["mean", "max", "mean+max"]
-"""The estimate's reduction (``xflex.attention.scoring.Reduction``), or
-``"mean+max"``: the blocks either estimate's selection keeps."""
-SCORING_REDUCTIONS: tuple[str, ...] = get_args(ScoringReduction)
-assert set(REDUCTIONS) <= set(SCORING_REDUCTIONS)
+ScoringReduction = Reduction
+"""The estimate's reduction (``xflex.attention.scoring.Reduction``); with
+``"mean+max"`` the plan keeps the blocks either estimate's selection keeps."""
+SCORING_REDUCTIONS: tuple[str, ...] = REDUCTIONS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,8 +181,9 @@ def call_scores(
         reduction: the scorer's reduction (None: the first of ``config.reductions``).
 
     Returns:
-        ``(B, Hq, nQ, nK)`` fp32 (``nQ``: ``len(q_blocks)`` when given), or
-        ``(T, B, Hq, nQ, nK)`` with ``temperatures``.
+        ``(B, Hq, nQ, nK)`` fp32 (``nQ``: ``len(q_blocks)`` when given),
+        ``(T, B, Hq, nQ, nK)`` with ``temperatures``, or ``(2, B, Hq, nQ,
+        nK)`` with ``reduction="mean+max"`` (the mean's scores first).
 
     Example:
         >>> pattern = call_pattern(q, k, None, True, config.block_size)   # doctest: +SKIP
@@ -196,6 +197,8 @@ def call_scores(
     causal_offset = pattern.causal_offset
     bs = config.block_size
     reduction = config.reductions[0] if reduction is None else reduction
+    if temperatures is not None and reduction not in ("mean", "max"):
+        raise ValueError(f"temperatures take one estimate, but got reduction={reduction!r}")
     if q_blocks is not None and causal_offset is None:
         query = torch.cat([query[:, :, b * bs : (b + 1) * bs] for b in q_blocks], 2)
         block_visible = None if block_visible is None else _query_block_rows(block_visible, list(q_blocks))
@@ -502,11 +505,12 @@ def plan(
         temperature, threshold = probe_calibration(query, key, attn_mask, is_causal, scale, pattern, config, threshold, mass=mass)
         # Temperatures are powers of two: exact in any float dtype.
         scoring_query = query * temperature.to(query.dtype)
-    scores = call_scores(scoring_query, key, pattern, config, scale)
+    both = len(config.reductions) > 1 and sparse  # "mean+max": both estimates from one scorer pass
+    scores = call_scores(scoring_query, key, pattern, config, scale, reduction=config.scoring_reduction if both else None)
+    scores, others = (scores[0], scores[1:]) if both else (scores, ())
     lines = call_line_blocks(scores, mass, pattern, config) if finds_lines else None
-    for reduction in config.reductions[1:] if sparse else ():
-        # "mean+max": what the other estimate's cut keeps joins the lines.
-        other = call_scores(scoring_query, key, pattern, config, scale, reduction=reduction)
+    for other in others:
+        # What the other estimate's cut keeps joins the lines.
         kept = call_selection(other, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold).selected
         lines = kept if lines is None else lines | kept
     blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold, lines=lines)

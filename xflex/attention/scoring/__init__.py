@@ -123,7 +123,8 @@ def score_blocks(
             (:func:`paired_query_rows`).
         reduction: how a tile's S paired products become its reduced logit:
             ``"mean"`` (the paper's) or ``"max"`` (``reference`` explains
-            why; the Triton scorer runs it where the Gluon one would).
+            why; the Triton scorer runs it where the Gluon one would), or
+            ``"mean+max"``: both, from one pass over q and k.
         precision: ``"input"`` multiplies q and k as given; ``"fp8"``, where
             the Gluon scorer runs, rounds them to e4m3 with a power-of-two
             scale per head first (:func:`fp8.fp8_per_head`) and multiplies
@@ -136,6 +137,7 @@ def score_blocks(
     Returns:
         ``(B, Hq, nQ, nK)`` fp32; each query-block row sums to the number of
         its query tiles that see any key (``block_size / stride`` when whole).
+        ``"mean+max"``: ``(2, B, Hq, nQ, nK)``, the mean's scores then the max's.
 
     Example:
         >>> q, k = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 300, 64)

@@ -19,7 +19,7 @@ S rows, where the antidiagonal has its odd ones twice (bench/RESULTS.md,
 
 A reduced logit is the tile's S paired products reduced one of two ways
 (``Reduction``): their mean (the paper's; one matmul over the concatenated
-rows), or their max. Attention's mass in a tile is the mean of the
+rows), or their max; ``"mean+max"`` gives both from the same products. Attention's mass in a tile is the mean of the
 products' exponentials, which the exponential of their mean underrates
 by far where logits vary a lot from row to row (keys of large norm: needles,
 hot keys; a sharp neighbourhood's peak): the max follows the mass there
@@ -49,8 +49,9 @@ Pairing = Literal["antidiagonal", "interleaved"]
 """Which query row of an ``S x S`` tile each key row's product pairs with."""
 PAIRINGS: tuple[str, ...] = get_args(Pairing)
 
-Reduction = Literal["mean", "max"]
-"""How a tile's S paired products become its reduced logit."""
+Reduction = Literal["mean", "max", "mean+max"]
+"""How a tile's S paired products become its reduced logit; ``"mean+max"``:
+both estimates, stacked along a new leading dim (the mean's first)."""
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
@@ -122,14 +123,16 @@ def antidiagonal_block_scores(
         pairing: which query row each key row of a tile pairs with
             (:func:`paired_query_rows`; the paper's antidiagonal by default).
         reduction: the reduced logit is the mean of the tile's S paired
-            products (the paper's) or their max (``Reduction``). Rows past
-            the sequence are zero vectors: their products are 0 in either.
+            products (the paper's) or their max (``Reduction``); ``"mean+max"``
+            returns both. Rows past the sequence are zero vectors: their
+            products are 0 in either.
         chunk_tokens: queries scored at a time, bounding the reduced matrix.
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
         sums to the number of its query tiles that see any key (``Bs/S`` for a
-        full block), rows that see nothing are 0.
+        full block), rows that see nothing are 0. ``"mean+max"``: ``(2, B,
+        Hq, nQ, nK)``, the mean's scores then the max's.
 
     Example:
         >>> q, k = torch.randn(1, 4, 300, 64), torch.randn(1, 2, 300, 64)
@@ -151,9 +154,11 @@ def antidiagonal_block_scores(
     q_pad = torch.nn.functional.pad(q.float(), (0, 0, 0, n_qt * S - Lq))
     q_tiles = rearrange(q_pad, "b (h g) (t s) d -> b h g t s d", s=S, h=Hkv)
     q_tiles = rearrange(q_tiles[..., paired_query_rows(S, pairing), :], "b h g t s d -> b h g s t d")
-    if reduction == "mean":  # the mean of the products is one matmul over the concatenated rows
-        k_tiles = rearrange(k_tiles, "b h 1 s u d -> b h 1 1 u (s d)")
-        q_tiles = rearrange(q_tiles, "b h g s t d -> b h g 1 t (s d)")
+    estimates = reduction.split("+")
+    # The mean of the products is one matmul over the concatenated rows (the
+    # same with or without the max: "mean+max" repeats the mean's scores exactly).
+    k_cat = rearrange(k_tiles, "b h 1 s u d -> b h 1 1 u (s d)")
+    q_cat = rearrange(q_tiles, "b h g s t d -> b h g 1 t (s d)")
 
     u = torch.arange(n_kt, device=q.device)
     if block_visible is not None:
@@ -161,24 +166,27 @@ def antidiagonal_block_scores(
         tile_visible = tile_visible.repeat_interleave(tiles_per_block, -2)[..., :n_qt, :]
         tile_visible = rearrange(tile_visible.expand(B, -1, -1, -1), "b (h g) t u -> b h g t u", h=1 if tile_visible.shape[1] == 1 else Hkv)
 
-    scores = q.new_zeros((B, Hkv, Hq // Hkv, n_qb * tiles_per_block, n_kb * tiles_per_block), dtype=torch.float32)
+    shape = (len(estimates), B, Hkv, Hq // Hkv, n_qb * tiles_per_block, n_kb * tiles_per_block)
+    scores = q.new_zeros(shape, dtype=torch.float32)
     # The max holds S products per reduced logit: S times fewer rows at a time.
-    chunk_blocks = chunk_tokens // block_size // (1 if reduction == "mean" else S)
+    chunk_blocks = chunk_tokens // block_size // (1 if estimates == ["mean"] else S)
     chunk_tiles = max(1, chunk_blocks) * tiles_per_block
     for t0 in range(0, n_qt, chunk_tiles):
         t1 = min(n_qt, t0 + chunk_tiles)
-        products = q_tiles[..., t0:t1, :] @ k_tiles.transpose(-1, -2)  # (b, h, g, S or 1, t, u)
-        logits = products[..., 0, :, :] * (scale / S) if reduction == "mean" else products.amax(-3) * scale
         visible = torch.ones((t1 - t0, n_kt), dtype=torch.bool, device=q.device)
         if causal_offset is not None:
             t = torch.arange(t0, t1, device=q.device)
             visible = reduced_tile_visible(t, u, stride=S, causal_offset=causal_offset)
         if block_visible is not None:
             visible = visible & tile_visible[..., t0:t1, :]
-        logits = logits.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows that see nothing
-        scores[..., t0:t1, :n_kt] = probs
+        for i, estimate in enumerate(estimates):
+            if estimate == "mean":
+                logits = (q_cat[..., t0:t1, :] @ k_cat.transpose(-1, -2))[..., 0, :, :] * (scale / S)
+            else:
+                logits = (q_tiles[..., t0:t1, :] @ k_tiles.transpose(-1, -2)).amax(-3) * scale  # (b, h, g, t, u)
+            logits = logits.masked_fill(~visible, float("-inf"))
+            scores[i, ..., t0:t1, :n_kt] = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows that see nothing
     scores = rearrange(
-        scores, "b h g (i ti) (j tj) -> b (h g) i j ti tj", ti=tiles_per_block, tj=tiles_per_block
+        scores, "e b h g (i ti) (j tj) -> e b (h g) i j ti tj", ti=tiles_per_block, tj=tiles_per_block
     ).sum((-1, -2))
-    return scores
+    return scores if len(estimates) > 1 else scores[0]

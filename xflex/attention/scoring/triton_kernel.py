@@ -97,10 +97,13 @@ def _reduced_logits(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVED: tl.constexpr,
-    MAX_REDUCTION: tl.constexpr,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
 ):
-    """``[BLOCK_M, BLOCK_N]`` fp32 antidiagonal sums (``MAX_REDUCTION``: the
-    largest of the S paired products instead): reduction column ``r*D + d``
+    """Two ``[BLOCK_M, BLOCK_N]`` fp32 tiles of reduced logits: with ``MEAN``
+    the antidiagonal sums (S times the mean) first, with ``MAX`` the largest of
+    the S paired products (second, or both when ``MEAN`` is off; one
+    estimate alone is returned twice). Reduction column ``r*D + d``
     pairs query row ``t*S + S-1-r`` (``INTERLEAVED``: ``t*S + sigma(r)``,
     ``reference.paired_query_rows``) with key row ``u*S + r``; rows past the
     sequence read as zero. ``q_rows``/``k_cols`` point at rows ``t*S + S-1`` and
@@ -115,8 +118,10 @@ def _reduced_logits(
     q_lo = (q_row_last - q_len + 1)[:, None]  # query row t has sub-row r iff r >= q_lo[t]
     k_hi = (k_len - k_row_first)[None, :]  # key row u has sub-row r iff r < k_hi[u]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if MAX_REDUCTION:
+    if MAX:
         best = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+        if MEAN:  # both from the same loads and MMAs: the max needs each offset's product
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for step in range(STRIDE * D_CHUNKS):
         r = step // D_CHUNKS
         d0 = (step % D_CHUNKS) * BLOCK_K
@@ -131,13 +136,51 @@ def _reduced_logits(
         q_tile = tl.load(q_ptrs + (d0 * stride_qd - back * stride_ql), mask=q_mask, other=0.0)
         k_tile = tl.load(k_ptrs + (d0 * stride_kd + r * stride_kl), mask=k_mask, other=0.0)
         acc = tl.dot(q_tile, k_tile, acc, input_precision=DOT_PRECISION)
-        if MAX_REDUCTION:
+        if MAX:
             if step % D_CHUNKS == D_CHUNKS - 1:  # offset r's product is complete
                 best = tl.maximum(best, acc)
+                if MEAN:
+                    total += acc
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if MAX_REDUCTION:
-        return best
-    return acc
+    if MAX:
+        if MEAN:
+            return total, best
+        return best, best
+    return acc, acc
+
+
+@triton.jit
+def _masked_logits(x, t, u, allowed, n_k_tiles, diag_shift, MASKED: tl.constexpr, HAS_CAUSAL: tl.constexpr,
+                   HAS_BLOCK_VISIBLE: tl.constexpr, K_BLOCKS: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """``x`` with the tiles row ``t`` does not see (past the keys, the causal
+    diagonal, the block mask's ``allowed``) at -inf."""
+    if MASKED:
+        visible = (u < n_k_tiles)[None, :]
+        if HAS_CAUSAL:
+            visible = visible & (u[None, :] <= t[:, None] + diag_shift)
+        x = tl.where(visible, x, float("-inf"))
+    if HAS_BLOCK_VISIBLE:
+        x = tl.reshape(x, [BLOCK_M, K_BLOCKS, TILES_PER_BLOCK])
+        x = tl.reshape(tl.where(allowed[:, :, None], x, float("-inf")), [BLOCK_M, BLOCK_N])
+    return x
+
+
+@triton.jit
+def _block_lse(x, m_i, l_i, FAST_LOG2: tl.constexpr, K_BLOCKS: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
+               BLOCK_M: tl.constexpr):  # fmt: skip
+    """One key tile's step of a row's online softmax: the updated row max and
+    sum, and the tile's per-key-block log2-sum-exp2."""
+    # Block sums relative to the running row max, as flash attention does: a
+    # block only underflows to zero when its mass is < 2^-126 of the max.
+    # The max is taken over whole rows: per block first costs a shuffle
+    # reduction per block.
+    m_new = tl.maximum(m_i, tl.max(x, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+    p = tl.reshape(tl.exp2(x - m_ref[:, None]), [BLOCK_M, K_BLOCKS, TILES_PER_BLOCK])
+    block_sum = tl.sum(p, axis=2)
+    l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(block_sum, axis=1)
+    return m_new, l_i, m_ref[:, None] + _log2(block_sum, FAST_LOG2)
 
 
 @triton.jit
@@ -146,10 +189,13 @@ def _online_softmax_tile(
     k_base,
     visible_rows,
     scratch_rows,
+    second_scratch,
     t,
     u0,
     m_i,
     l_i,
+    m_2,
+    l_2,
     q_len,
     k_len,
     diag_shift,
@@ -168,7 +214,8 @@ def _online_softmax_tile(
     HAS_BLOCK_VISIBLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVED: tl.constexpr,
-    MAX_REDUCTION: tl.constexpr,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -176,8 +223,10 @@ def _online_softmax_tile(
 ):
     """One key tile ``[u0, u0 + BLOCK_N)`` of the online softmax: parks the
     tile's per-key-block log2-sum-exp2 in scratch and returns the updated row max
-    and sum. ``MASKED`` tiles cross the causal diagonal or the last key tile;
-    the others skip the per-element mask."""
+    and sum; with ``MEAN`` and ``MAX`` the max's too (``m_2``, ``l_2``, parked
+    at ``second_scratch``, else passed through). ``MASKED`` tiles cross the
+    causal diagonal or the last key tile; the others skip the per-element mask.
+    ``qk_scale`` is the mean's (``scale / S`` in log2 units)."""
     K_BLOCKS: tl.constexpr = BLOCK_N // TILES_PER_BLOCK
     n_k_tiles = tl.cdiv(k_len, STRIDE)
     n_k_blocks = tl.cdiv(n_k_tiles, TILES_PER_BLOCK)
@@ -195,11 +244,13 @@ def _online_softmax_tile(
         # Key blocks the block mask hides from every row are skipped, not computed.
         has_keys = tl.max(allowed.to(tl.int32)) > 0
     else:
+        allowed = True  # unused: _masked_logits reads it with HAS_BLOCK_VISIBLE only
         has_keys = True
     block_lse = tl.full([BLOCK_M, K_BLOCKS], float("-inf"), dtype=tl.float32)
+    second_lse = tl.full([BLOCK_M, K_BLOCKS], float("-inf"), dtype=tl.float32)
     if has_keys:
         k_row_first = u * STRIDE
-        logits = _reduced_logits(
+        first, second = _reduced_logits(
             q_rows,
             t * STRIDE + STRIDE - 1,
             k_base + k_row_first.to(tl.int64)[None, :] * stride_kl,
@@ -217,35 +268,26 @@ def _online_softmax_tile(
             BLOCK_K,
             DOT_PRECISION,
             INTERLEAVED,
-            MAX_REDUCTION,
+            MEAN,
+            MAX,
         )
-        x = logits * qk_scale
-        if MASKED:
-            visible = (u < n_k_tiles)[None, :]
-            if HAS_CAUSAL:
-                visible = visible & (u[None, :] <= t[:, None] + diag_shift)
-            x = tl.where(visible, x, float("-inf"))
-        if HAS_BLOCK_VISIBLE:
-            x = tl.reshape(x, [BLOCK_M, K_BLOCKS, TILES_PER_BLOCK])
-            x = tl.reshape(tl.where(allowed[:, :, None], x, float("-inf")), [BLOCK_M, BLOCK_N])
-        # Block sums relative to the running row max, as flash attention does: a
-        # block only underflows to zero when its mass is < 2^-126 of the max.
-        # The max is taken over whole rows: per block first costs a shuffle
-        # reduction per block.
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-        p = tl.reshape(tl.exp2(x - m_ref[:, None]), [BLOCK_M, K_BLOCKS, TILES_PER_BLOCK])
-        block_sum = tl.sum(p, axis=2)
-        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(block_sum, axis=1)
-        m_i = m_new
-        block_lse = m_ref[:, None] + _log2(block_sum, FAST_LOG2)
+        x = first * qk_scale if MEAN else first * (qk_scale * STRIDE)
+        x = _masked_logits(x, t, u, allowed, n_k_tiles, diag_shift, MASKED, HAS_CAUSAL, HAS_BLOCK_VISIBLE,
+                           K_BLOCKS, TILES_PER_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
+        m_i, l_i, block_lse = _block_lse(x, m_i, l_i, FAST_LOG2, K_BLOCKS, TILES_PER_BLOCK, BLOCK_M)
+        if MEAN and MAX:
+            x = _masked_logits(second * (qk_scale * STRIDE), t, u, allowed, n_k_tiles, diag_shift, MASKED, HAS_CAUSAL,
+                               HAS_BLOCK_VISIBLE, K_BLOCKS, TILES_PER_BLOCK, BLOCK_M, BLOCK_N)  # fmt: skip
+            m_2, l_2, second_lse = _block_lse(x, m_2, l_2, FAST_LOG2, K_BLOCKS, TILES_PER_BLOCK, BLOCK_M)
     tl.store(scratch_rows + kb[None, :], block_lse, mask=(kb < n_k_blocks)[None, :])
-    return m_i, l_i
+    if MEAN and MAX:
+        tl.store(second_scratch + kb[None, :], second_lse, mask=(kb < n_k_blocks)[None, :])
+    return m_i, l_i, m_2, l_2
 
 
 @triton.autotune(
     configs=CONFIGS,
-    key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE", "SPLIT_KEYS", "MAX_REDUCTION"],
+    key=["STRIDE", "HEAD_DIM", "TILES_PER_BLOCK", "HAS_CAUSAL", "HAS_BLOCK_VISIBLE", "SPLIT_KEYS", "MEAN", "MAX"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -286,7 +328,8 @@ def scores_kernel(
     SPLIT_KEYS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVED: tl.constexpr,
-    MAX_REDUCTION: tl.constexpr,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -299,7 +342,9 @@ def scores_kernel(
     Reduced row ``t`` sees key tile ``u`` when ``u < ceil(Lk/S)``, ``u <= t +
     diag_shift`` (causal) and the block-level mask allows ``(t//T, u//T)``.
     ``SPLIT_KEYS`` (more than one range) only keys the autotuner: launches of a
-    few rows split over their keys tune apart from whole-row launches."""
+    few rows split over their keys tune apart from whole-row launches. With
+    ``MEAN`` and ``MAX`` the max's statistics go to the heads
+    ``num_programs(1)`` past the mean's in scratch and row_lse."""
     # One GEMM pass (online softmax, per-block log-sum-exps parked in scratch and
     # renormalised by normalise_kernel) rather than two: the reduced GEMM is the cost.
     tl.static_assert(BLOCK_M % TILES_PER_BLOCK == 0)
@@ -322,6 +367,7 @@ def scores_kernel(
     k_base = k_ptr + b.to(tl.int64) * stride_kb + (h // group_size).to(tl.int64) * stride_kh
     visible_rows = visible_ptr + b * stride_vb + h * stride_vh
     scratch_rows = scratch_ptr + pid_bh.to(tl.int64) * stride_sh + local_t[:, None] * stride_sr
+    second_scratch = scratch_rows + tl.num_programs(1).to(tl.int64) * stride_sh
 
     # Key tiles [0, unmasked_end) are visible to every row of the program (rows
     # past the sequence are dropped at the end); [unmasked_end, k_tile_end) cross
@@ -341,25 +387,31 @@ def scores_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(x - m_i)
+    m_2, l_2 = m_i, l_i  # the max's, with MEAN and MAX
     for u0 in tl.range(range_start, tl.minimum(unmasked_end, range_end), BLOCK_N, flatten=FLATTEN):
-        m_i, l_i = _online_softmax_tile(
-            q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
-            stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
-            MASKED=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
-            INTERLEAVED=INTERLEAVED, MAX_REDUCTION=MAX_REDUCTION, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        m_i, l_i, m_2, l_2 = _online_softmax_tile(
+            q_rows, k_base, visible_rows, scratch_rows, second_scratch, t, u0, m_i, l_i, m_2, l_2, q_len, k_len,
+            diag_shift, qk_scale, stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM,
+            TILES_PER_BLOCK, MASKED=False, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE,
+            DOT_PRECISION=DOT_PRECISION, INTERLEAVED=INTERLEAVED, MEAN=MEAN, MAX=MAX, FAST_LOG2=FAST_LOG2,
+            BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     for u0 in range(tl.maximum(range_start, unmasked_end), range_end, BLOCK_N):
-        m_i, l_i = _online_softmax_tile(
-            q_rows, k_base, visible_rows, scratch_rows, t, u0, m_i, l_i, q_len, k_len, diag_shift, qk_scale,
-            stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM, TILES_PER_BLOCK,
-            MASKED=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE, DOT_PRECISION=DOT_PRECISION,
-            INTERLEAVED=INTERLEAVED, MAX_REDUCTION=MAX_REDUCTION, FAST_LOG2=FAST_LOG2, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        m_i, l_i, m_2, l_2 = _online_softmax_tile(
+            q_rows, k_base, visible_rows, scratch_rows, second_scratch, t, u0, m_i, l_i, m_2, l_2, q_len, k_len,
+            diag_shift, qk_scale, stride_ql, stride_qd, stride_kl, stride_kd, stride_vq, stride_vk, STRIDE, HEAD_DIM,
+            TILES_PER_BLOCK, MASKED=True, HAS_CAUSAL=HAS_CAUSAL, HAS_BLOCK_VISIBLE=HAS_BLOCK_VISIBLE,
+            DOT_PRECISION=DOT_PRECISION, INTERLEAVED=INTERLEAVED, MEAN=MEAN, MAX=MAX, FAST_LOG2=FAST_LOG2,
+            BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
     # Each row's log2-sum-exp2 over this range (-inf: it sees no key here); the
     # normaliser combines the ranges and drops rows past the sequence.
-    row_lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + tl.program_id(2) * stride_rp + local_t, row_lse)
+    row_parts = row_lse_ptr + pid_bh.to(tl.int64) * stride_rh + tl.program_id(2) * stride_rp + local_t
+    tl.store(row_parts, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf")))
+    if MEAN and MAX:
+        row_parts += tl.num_programs(1).to(tl.int64) * stride_rh
+        tl.store(row_parts, tl.where(l_2 > 0, m_2 + tl.log2(tl.where(l_2 > 0, l_2, 1.0)), float("-inf")))
 
 
 @triton.jit
@@ -517,7 +569,8 @@ def antidiagonal_block_scores_triton(
         pairing: which query row each key row of a tile pairs with
             (``reference.paired_query_rows``).
         reduction: the reduced logit is the mean of the tile's S paired
-            products or their max (``reference.Reduction``); the Gluon
+            products or their max (``reference.Reduction``); ``"mean+max"``
+            computes both in one pass (the same loads and MMAs). The Gluon
             kernel sums them in one MMA and takes the mean only.
         head_scale: with ``use_gluon`` only, for e4m3 q and k
             (``fp8.fp8_per_head``): per query head, the factor their products
@@ -525,7 +578,8 @@ def antidiagonal_block_scores_triton(
 
     Returns:
         ``(B, Hq, ceil(Lq/Bs), ceil(Lk/Bs))`` fp32 scores; each query-block row
-        sums to the number of its query tiles that see any key.
+        sums to the number of its query tiles that see any key. ``"mean+max"``:
+        ``(2, B, Hq, ...)``, the mean's then the max's.
 
     Example:
         >>> q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
@@ -553,16 +607,20 @@ def antidiagonal_block_scores_triton(
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
     n_q_tiles, n_k_blocks = math.ceil(Lq / S), math.ceil(Lk / block_size)
-    out = torch.zeros((B, Hq, math.ceil(Lq / block_size), n_k_blocks), dtype=torch.float32, device=q.device)
+    estimates = reduction.split("+")
+    # Each estimate's heads one after the other (the kernel writes the max's
+    # num_programs(1) heads on), as n_est * B batches for the normaliser.
+    out = torch.zeros((len(estimates) * B, Hq, math.ceil(Lq / block_size), n_k_blocks), dtype=torch.float32, device=q.device)
+    result = out.unflatten(0, (len(estimates), B)) if len(estimates) > 1 else out
     if out.numel() == 0:
-        return out
+        return result
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     # Query chunks (multiples of the largest BLOCK_M) whose scratch fits the budget.
-    per_row = B * Hq * n_k_blocks * 4
+    per_row = len(estimates) * B * Hq * n_k_blocks * 4
     rows = max(1, _SCRATCH_BYTES // (per_row * _MAX_BLOCK_M)) * _MAX_BLOCK_M
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
-    scratch = torch.empty((B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
+    scratch = torch.empty((len(estimates) * B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
     if use_gluon:
         from . import gluon_kernel
 
@@ -573,7 +631,7 @@ def antidiagonal_block_scores_triton(
         parts = 2 * gluon_kernel.key_ranges(Lk, S)
     else:
         parts = _triton_key_ranges(q, min(rows, n_q_tiles), math.ceil(Lk / S)) if key_ranges is None else key_ranges
-    row_lse = torch.empty((B * Hq, parts, rows), dtype=torch.float32, device=q.device)
+    row_lse = torch.empty((len(estimates) * B * Hq, parts, rows), dtype=torch.float32, device=q.device)
     visible = block_visible.expand(B, Hq, -1, -1) if block_visible is not None else out
     diag_shift = 0 if causal_offset is None else (S - 1 + causal_offset) // S
     for tile_start in range(0, n_q_tiles, rows):
@@ -584,7 +642,7 @@ def antidiagonal_block_scores_triton(
             tile_start=tile_start,
             chunk=chunk,
             diag_shift=diag_shift,
-            qk_scale=(scale / S if reduction == "mean" else scale) * _LOG2E,
+            qk_scale=scale / S * _LOG2E,  # the mean's; the kernel's max multiplies it by S
             causal=causal_offset is not None,
             interleaved=pairing == "interleaved",
         )
@@ -594,9 +652,9 @@ def antidiagonal_block_scores_triton(
             has_block_visible = block_visible is not None
             _launch_triton_scorer(
                 q, k, scratch, row_lse, visible=visible, has_block_visible=has_block_visible, key_ranges=parts,
-                max_reduction=reduction == "max", **launch_args,
+                reduction=reduction, **launch_args,
             )  # fmt: skip
-        normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), B * Hq)](
+        normalise_kernel[(triton.cdiv(chunk, _MAX_BLOCK_M), len(estimates) * B * Hq)](
             scratch,
             row_lse,
             out,
@@ -617,7 +675,7 @@ def antidiagonal_block_scores_triton(
             ROWS=_MAX_BLOCK_M,  # whole query blocks: a multiple of Bs/S
             NORM_BLOCKS=32,  # key blocks a step
         )
-    return out
+    return result
 
 
 def _triton_key_ranges(q: torch.Tensor, q_tiles: int, n_k_tiles: int) -> int:
@@ -653,11 +711,13 @@ def _launch_triton_scorer(
     qk_scale: float,
     causal: bool,
     interleaved: bool,
-    max_reduction: bool,
+    reduction: Reduction,
 ) -> None:
     """``scores_kernel`` on query rows ``[tile_start, tile_start +
-    chunk)``, each row's keys in ``key_ranges`` parts; ``gluon_kernel.launch``'s contract."""
+    chunk)``, each row's keys in ``key_ranges`` parts, for the estimate(s)
+    ``reduction`` names; ``gluon_kernel.launch``'s contract."""
     B, Hq, Lq, D = q.shape
+    estimates = reduction.split("+")
     scores_kernel[lambda meta: (triton.cdiv(chunk, meta["BLOCK_M"]), B * Hq, key_ranges)](
         q,
         k,
@@ -686,7 +746,8 @@ def _launch_triton_scorer(
         SPLIT_KEYS=key_ranges > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERLEAVED=interleaved,
-        MAX_REDUCTION=max_reduction,
+        MEAN="mean" in estimates,
+        MAX="max" in estimates,
         FAST_LOG2=q.device.type != "cpu",  # the interpreter (CPU tensors) lacks libdevice
         BLOCK_K=_block_k(D),
     )
