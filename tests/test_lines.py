@@ -35,7 +35,7 @@ def _recall_on_unprobed_rows(make_qk, rows, causal, configs):
     return out
 
 
-def _vertical_loop(mass, scores, visible, probes, min_mass):
+def _vertical_loop(mass, scores, visible, probes, min_mass, slash=None):
     """The rule spelled out one (batch, head, key block) at a time."""
     B, H, P, nK = scores.shape
     visible = visible.expand_as(scores)
@@ -48,7 +48,8 @@ def _vertical_loop(mass, scores, visible, probes, min_mass):
                 total = sum(est)
                 for j in range(nK):
                     share = est[j] / total if total > 0 else 0.0
-                    deficits[j].append(max(0.0, mass[b, h, p, j].item() - share))
+                    on_slash = slash is not None and slash[b, h, p, j]
+                    deficits[j].append(0.0 if on_slash else max(0.0, mass[b, h, p, j].item() - share))
             for j in range(nK):
                 d = deficits[j]
                 trimmed = (sum(d) - max(d)) / (P - 1) if P > 1 else d[0]  # all but the largest probe's
@@ -63,9 +64,10 @@ def _vertical_loop(mass, scores, visible, probes, min_mass):
     n_probes=st.integers(1, 4),
     n_k=st.integers(1, 12),
     min_mass=st.floats(0.001, 0.5),
+    with_slash=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_vertical_blocks_equal_the_rule_block_by_block(batch, heads, n_probes, n_k, min_mass, seed):
+def test_vertical_blocks_equal_the_rule_block_by_block(batch, heads, n_probes, n_k, min_mass, with_slash, seed):
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, heads, n_probes, n_k)
     visible = torch.rand(shape, generator=gen) < 0.8
@@ -73,9 +75,10 @@ def test_vertical_blocks_equal_the_rule_block_by_block(batch, heads, n_probes, n
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     scores = torch.rand(shape, generator=gen) ** 3 * 7.0  # unnormalised, as the scorer's
     probes = sorted(torch.randperm(max(n_k, n_probes), generator=gen)[:n_probes].tolist())
-    got = vertical_blocks(mass, scores, visible, probes, min_mass=min_mass)
+    slash = torch.rand(shape, generator=gen) < 0.2 if with_slash else None
+    got = vertical_blocks(mass, scores, visible, probes, min_mass=min_mass, slash=slash)
     assert got.shape == (batch, heads, 1, n_k)
-    assert torch.equal(got, _vertical_loop(mass, scores, visible, probes, min_mass))
+    assert torch.equal(got, _vertical_loop(mass, scores, visible, probes, min_mass, slash))
 
 
 def _hot_keys(length, heads, kv_heads, seed, head_dim=64):
@@ -154,7 +157,7 @@ def test_line_masses_are_validated_and_reach_the_plan_through_sparsity(option, m
     assert densities[0.005] > densities[0.0]
 
 
-def _slash_loop(mass, scores, visible, probes, n_q, min_mass, vertical):
+def _slash_loop(mass, scores, visible, probes, n_q, min_mass):
     """The rule spelled out one (batch, head, diagonal) at a time."""
     B, H, P, nK = scores.shape
     visible = visible.expand_as(scores)
@@ -166,8 +169,7 @@ def _slash_loop(mass, scores, visible, probes, n_q, min_mass, vertical):
                 est = [scores[b, h, p, k].item() if visible[b, h, p, k] else 0.0 for k in range(nK)]
                 total = sum(est)
                 for k in range(nK):
-                    if vertical is None or not vertical[b, h, 0, k]:
-                        deficit[p][k] = max(0.0, mass[b, h, p, k].item() - (est[k] / total if total > 0 else 0.0))
+                    deficit[p][k] = max(0.0, mass[b, h, p, k].item() - (est[k] / total if total > 0 else 0.0))
             for j in range(-(nK - 1), n_q):
                 d = [deficit[p][probe - j] if 0 <= probe - j < nK else 0.0 for p, probe in enumerate(probes)]
                 trimmed = (sum(d) - max(d)) / (P - 1) if P > 1 else d[0]
@@ -186,10 +188,9 @@ def _slash_loop(mass, scores, visible, probes, n_q, min_mass, vertical):
     n_q=st.integers(1, 10),
     n_k=st.integers(1, 12),
     min_mass=st.floats(0.001, 0.5),
-    with_vertical=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_slash_blocks_equal_the_rule_diagonal_by_diagonal(batch, heads, n_probes, n_q, n_k, min_mass, with_vertical, seed):
+def test_slash_blocks_equal_the_rule_diagonal_by_diagonal(batch, heads, n_probes, n_q, n_k, min_mass, seed):
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, heads, n_probes, n_k)
     visible = torch.rand(shape, generator=gen) < 0.8
@@ -197,11 +198,10 @@ def test_slash_blocks_equal_the_rule_diagonal_by_diagonal(batch, heads, n_probes
     mass = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     scores = torch.rand(shape, generator=gen) ** 3 * 7.0  # unnormalised, as the scorer's
     probes = sorted(torch.randperm(max(n_q, n_probes), generator=gen)[:n_probes].tolist())
-    vertical = torch.rand(batch, heads, 1, n_k, generator=gen) < 0.2 if with_vertical else None
-    got = slash_blocks(mass, scores, visible, probes, n_query_blocks=max(n_q, probes[-1] + 1), min_mass=min_mass, vertical=vertical)
+    got = slash_blocks(mass, scores, visible, probes, n_query_blocks=max(n_q, probes[-1] + 1), min_mass=min_mass)
     n_q = max(n_q, probes[-1] + 1)
     assert got.shape == (batch, heads, n_q, n_k)
-    assert torch.equal(got, _slash_loop(mass, scores, visible, probes, n_q, min_mass, vertical))
+    assert torch.equal(got, _slash_loop(mass, scores, visible, probes, n_q, min_mass))
 
 
 def _slashes(length, heads, seed, *, offset, head_dim=64):
@@ -241,9 +241,12 @@ def test_plan_adds_whole_diagonals_found_on_exact_probe_rows(batch, heads, lengt
     probes = probe_query_blocks(n_q, base.probe_blocks, causal=causal)
     mass = sampled_block_mass(q, k, None, causal, None, 64, probes, rows_per_block=PROBE_ROWS_PER_BLOCK)  # softmax rows
     args = (mass, plan.scores[:, :, probes], plan.visible[:, :, probes], probes)
-    slash = slash_blocks(*args, n_query_blocks=n_q, min_mass=0.01, vertical=plain.lines)
-    assert torch.equal(plan.lines, slash | plain.lines)
-    assert torch.equal(plan.selected, plain.selected | (slash & plan.visible))
+    slash = slash_blocks(*args, n_query_blocks=n_q, min_mass=0.01)
+    # Slash lines first; the vertical rule leaves the probe rows' slash blocks out.
+    vertical = vertical_blocks(*args, min_mass=0.01, slash=slash[:, :, probes])
+    assert torch.equal(plan.lines, slash | vertical)
+    cut = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base.__dict__, "vertical_mass": 0.0}))  # no lines
+    assert torch.equal(plan.selected, cut.selected | (plan.lines & plan.visible))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -258,3 +261,17 @@ def test_slash_lines_recover_an_unsampled_offset_on_rows_the_probes_never_saw(ca
     # Measured: worst row 0.26 -> 0.91 (causal) / 0.32 -> 0.94, mean +0.009 / +0.030, density +0.003 / +0.008.
     assert lines.min() > 0.85 and lines.mean() > plain.mean() + 0.003
     assert density < plain_density + 4 / 32  # at most the two diagonals the slash spans, and their neighbours
+
+
+def test_a_slash_between_two_block_diagonals_is_kept_as_a_slash_beside_vertical_lines():
+    """Offset 740 = 11.56 blocks of 64: each probe row's slash mass lies on two
+    key blocks, which two neighbouring probes share; the vertical rule alone
+    takes them for columns near the probes, kept on those rows only."""
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, scoring_reduction="max", vertical_mass=0.005)
+    configs = {m: xflex.Config(**base, slash_mass=m) for m in (0.0, 0.005)}
+    (plain, plain_density), (lines, density) = _recall_on_unprobed_rows(
+        lambda seed: _slashes(2048, 4, seed, offset=740)[:2], list(range(13, 27, 2)), True, configs  # 740: residue 4 mod 8
+    ).values()
+    assert plain.min() < 0.8, "the inputs should defeat the estimate and the vertical rule"
+    assert lines.min() > 0.85 and lines.mean() > plain.mean() + 0.003
+    assert density < plain_density + 4 / 32

@@ -364,15 +364,15 @@ def call_line_blocks(scores: torch.Tensor, mass: torch.Tensor, pattern: CallPatt
     """
     probes = _probe_blocks(pattern.shape[2], pattern, config)
     probe_scores, probe_visible = _query_block_rows(scores, probes), _query_block_rows(pattern.visibility.any, probes)
-    vertical = None
+    slash = vertical = None
+    if config.slash_mass > 0:
+        slash = slash_blocks(mass, probe_scores, probe_visible, probes, n_query_blocks=scores.shape[2], min_mass=config.slash_mass)
     if config.vertical_mass > 0:
-        vertical = vertical_blocks(mass, probe_scores, probe_visible, probes, min_mass=config.vertical_mass)
-    if config.slash_mass == 0:
-        return vertical
-    slash = slash_blocks(
-        mass, probe_scores, probe_visible, probes, n_query_blocks=scores.shape[2], min_mass=config.slash_mass, vertical=vertical
-    )
-    return slash if vertical is None else slash | vertical
+        probe_slash = None if slash is None else _query_block_rows(slash, probes)
+        vertical = vertical_blocks(mass, probe_scores, probe_visible, probes, min_mass=config.vertical_mass, slash=probe_slash)
+    if slash is None or vertical is None:
+        return vertical if slash is None else slash
+    return slash | vertical
 
 
 def probe_calibration(

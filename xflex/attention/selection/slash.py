@@ -14,7 +14,11 @@ block offset ``j = query block - key block`` in most probes: such a
 diagonal is kept in every row. A hot key (a vertical line) sits at a
 different offset in each probe, and the mean over all probes but the one
 with the largest deficit discounts it, as ``vertical.py`` discounts one
-probe's local attention; the vertical lines found are left out first.
+probe's local attention. Slash lines are found first: a slash between two
+block diagonals puts its deficit on one key block of two neighbouring
+probes, which the vertical rule would take for a column near the probes
+and keep there only (the spiky family's worst rows; bench/RESULTS.md,
+"Slash lines before vertical lines").
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ def slash_blocks(
     *,
     n_query_blocks: int,
     min_mass: float,
-    vertical: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The block diagonals whose true mass on the probe rows exceeds the
     estimate's by at least ``min_mass``, on average over all probe rows but
@@ -54,8 +57,6 @@ def slash_blocks(
         n_query_blocks: the call's query blocks nQ.
         min_mass: the smallest such mean deficit that makes a diagonal a
             slash line; in (0, 1).
-        vertical: ``(B, H, 1, nK)`` bool vertical lines already kept, whose
-            deficits are left out, or None.
 
     Returns:
         ``(B, H, nQ, nK)`` bool: block ``(i, k)`` lies on a slash line ``i - k``.
@@ -71,8 +72,6 @@ def slash_blocks(
                 [0, 0, 1, 0]], dtype=torch.int32)
     """
     deficit = probe_deficit(probe_mass, probe_scores, probe_visible)
-    if vertical is not None:
-        deficit = deficit.masked_fill(vertical, 0.0)
     B, H, P, n_k = deficit.shape
     device = deficit.device
     # Probe p's key block k lies on diagonal j = p - k, stored at j + nK - 1.

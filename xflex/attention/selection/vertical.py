@@ -33,6 +33,7 @@ def vertical_blocks(
     probe_blocks: list[int],
     *,
     min_mass: float,
+    slash: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The key blocks whose true mass on the probe rows exceeds the
     estimate's by at least ``min_mass`` on average over all probe rows but
@@ -50,6 +51,9 @@ def vertical_blocks(
         probe_blocks: the P probe query block indices.
         min_mass: the smallest such mean deficit (true share minus
             estimated share) that makes a block vertical; in (0, 1).
+        slash: ``(B, H, P, nK)`` bool, the probe rows' blocks that slash
+            lines keep already (``slash.py``), whose deficits are left out;
+            or None.
 
     Returns:
         ``(B, H, 1, nK)`` bool, to broadcast over query rows.
@@ -61,7 +65,10 @@ def vertical_blocks(
         tensor([[[[False,  True, False, False]]]])
     """
     # The mean of all but the largest: one probe's local attention is no column.
-    deficit = mean_but_largest(probe_deficit(probe_mass, probe_scores, probe_visible), dim=2)
+    deficit = probe_deficit(probe_mass, probe_scores, probe_visible)
+    if slash is not None:
+        deficit = deficit.masked_fill(slash, 0.0)
+    deficit = mean_but_largest(deficit, dim=2)
     return (deficit >= min_mass) & _away_from(tuple(probe_blocks), probe_scores.shape[-1], probe_scores.device)
 
 
