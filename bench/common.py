@@ -11,13 +11,14 @@ import torch
 from xflex.benchmark.timing import best_dense_sdpa, dense_sdpa, time_ms
 from xflex.config import Config
 
-__all__ = ["DEFAULT_PRECISION", "DEFAULT_REDUCTION", "DEFAULT_SCORER", "DEFAULT_SLASH_MASS", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
+__all__ = ["DEFAULT_PRECISION", "DEFAULT_REDUCTION", "DEFAULT_RELATIVE_FLOOR", "DEFAULT_SCORER", "DEFAULT_SLASH_MASS", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
 
 DEFAULT_SCORER = Config().scorer
 DEFAULT_PRECISION = Config().scoring_precision
 DEFAULT_REDUCTION = Config().scoring_reduction
 DEFAULT_VERTICAL_MASS = Config().vertical_mass
 DEFAULT_SLASH_MASS = Config().slash_mass
+DEFAULT_RELATIVE_FLOOR = Config().relative_floor
 
 
 def setting_name(
@@ -27,18 +28,21 @@ def setting_name(
     vertical_mass: float = DEFAULT_VERTICAL_MASS,
     reduction: str = DEFAULT_REDUCTION,
     slash_mass: float = DEFAULT_SLASH_MASS,
+    relative_floor: float = DEFAULT_RELATIVE_FLOOR,
 ) -> str:
     """A selection setting as the bench tables name it: the method, then
-    ``+scorer``, ``+precision``, ``+vertical=X``, ``+reduction`` and
-    ``+slash=X`` where they are not the defaults (``"threshold+antidiagonal"``,
-    ``"threshold+fp8"``, ``"threshold+vertical=0"``, ``"threshold+max"``,
-    ``"threshold+slash=0.005"``)."""
+    ``+scorer``, ``+precision``, ``+vertical=X``, ``+reduction``,
+    ``+slash=X`` and ``+floor=X`` where they are not the defaults
+    (``"threshold+antidiagonal"``, ``"threshold+fp8"``,
+    ``"threshold+vertical=0"``, ``"threshold+max"``,
+    ``"threshold+slash=0.005"``, ``"threshold+floor=0.01"``)."""
     defaults = (
         (scorer, DEFAULT_SCORER),
         (precision, DEFAULT_PRECISION),
         (f"vertical={vertical_mass:g}", f"vertical={DEFAULT_VERTICAL_MASS:g}"),
         (reduction, DEFAULT_REDUCTION),
         (f"slash={slash_mass:g}", f"slash={DEFAULT_SLASH_MASS:g}"),
+        (f"floor={relative_floor:g}", f"floor={DEFAULT_RELATIVE_FLOOR:g}"),
     )
     return "+".join([method] + [x for x, default in defaults if x != default])
 

@@ -1,8 +1,9 @@
-"""Vertical lines (``vertical_mass``) and slash lines (``slash_mass``): each
-rule against a loop over blocks / diagonals, the plan's added blocks against
-exact softmax rows (``sampled_block_mass``) and its own scores, and what each
-rule recovers on rows the probes never saw: hot keys, and a slash at an
-offset the pairing never samples."""
+"""Blocks added beside the threshold cut: vertical lines (``vertical_mass``),
+slash lines (``slash_mass``) and the relative floor (``relative_floor``):
+each rule against a loop over blocks / diagonals / a row, the plan's added
+blocks against exact softmax rows (``sampled_block_mass``) and its own
+scores, and what the lines recover on rows the probes never saw: hot keys,
+and a slash at an offset the pairing never samples."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import xflex
 from xflex.attention import sampled_block_mass
+from xflex.attention.selection.floor import relative_floor_blocks
 from xflex.attention.selection.probes import PROBE_ROWS_PER_BLOCK, probe_query_blocks
 from xflex.attention.selection.slash import slash_blocks
 from xflex.attention.selection.vertical import vertical_blocks
@@ -275,3 +277,75 @@ def test_a_slash_between_two_block_diagonals_is_kept_as_a_slash_beside_vertical_
     assert plain.min() < 0.8, "the inputs should defeat the estimate and the vertical rule"
     assert lines.min() > 0.85 and lines.mean() > plain.mean() + 0.003
     assert density < plain_density + 4 / 32
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    n_q=st.integers(1, 6),
+    n_k=st.integers(1, 12),
+    ratio=st.floats(0.001, 0.999),
+    seed=st.integers(0, 2**16),
+)
+def test_relative_floor_equals_the_rule_row_by_row(batch, heads, n_q, n_k, ratio, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, n_q, n_k)
+    scores = torch.rand(shape, generator=gen) ** 4 * 3.0
+    scores[..., 0] = 0.0  # zero scores: kept only where the row's largest is 0 too (then nothing is)
+    visible = torch.rand(shape, generator=gen) < 0.7
+    got = relative_floor_blocks(scores, visible, ratio)
+    expected = torch.zeros(shape, dtype=torch.bool)
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in shape[:3])).tolist():
+        row = [scores[tuple(index)][j].item() for j in range(n_k) if visible[tuple(index)][j]]
+        largest = max(row, default=0.0)
+        for j in range(n_k):
+            expected[tuple(index)][j] = bool(visible[tuple(index)][j]) and largest > 0 and scores[tuple(index)][j].item() >= ratio * largest
+    assert torch.equal(got, expected)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    length=st.integers(600, 1300),  # ragged: not a multiple of the block or the stride
+    heads=st.integers(1, 3),
+    causal=st.booleans(),
+    reduction=st.sampled_from(["mean", "max"]),
+    seed=st.integers(0, 2**16),
+)
+def test_plan_adds_the_blocks_its_scores_put_above_the_floor(length, heads, causal, reduction, seed):
+    q, k, _ = _hot_keys(length, heads, heads, seed)
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=0.0, scoring_reduction=reduction)
+    plain = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base))
+    plan = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base, relative_floor=0.05))
+    assert torch.equal(plan.scores, plain.scores)
+    floor = relative_floor_blocks(plan.scores, plan.visible, 0.05)
+    assert torch.equal(plan.selected, plain.selected | floor)
+
+
+def test_union_floors_each_estimate():
+    q, k, _ = _hot_keys(1024, 2, 2, seed=3)
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=0.0, scoring_reduction="mean+max")
+    plain = xflex.plan(q, k, is_causal=True, config=xflex.Config(**base))
+    plan = xflex.plan(q, k, is_causal=True, config=xflex.Config(**base, relative_floor=0.01))
+    # Each estimate's scores as its own plan computes them.
+    scores = [xflex.plan(q, k, is_causal=True, config=xflex.Config(**{**base, "scoring_reduction": r})).scores for r in ("mean", "max")]
+    floors = [relative_floor_blocks(s, plan.visible, 0.01) for s in scores]
+    assert torch.equal(plan.selected, plain.selected | floors[0] | floors[1])
+    assert (floors[1] & ~floors[0] & ~plain.selected).any(), "the max's floor should add blocks of its own here"
+
+
+def test_relative_floor_is_validated_and_reaches_the_plan_through_sparsity():
+    for bad in (-0.1, 1.0, True, "0.01"):
+        with pytest.raises(ValueError, match="relative_floor"):
+            xflex.Config(relative_floor=bad)
+    with pytest.raises(ValueError, match="relative_floor"):
+        with xflex.sparsity(relative_floor=2.0):
+            pass
+    q, k, _ = _hot_keys(1024, 2, 2, seed=1)
+    config = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, scoring_reduction="max")
+    densities = {}
+    for ratio in (0.0, 0.01):
+        with xflex.sparsity(relative_floor=ratio) as stats:
+            xflex.sparse_sdpa(q, k, k, is_causal=True, config=config)
+        densities[ratio] = stats.density
+    assert densities[0.01] > densities[0.0]

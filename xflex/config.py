@@ -106,6 +106,16 @@ class Config:
             estimate's pairing may never sample
             (``xflex.attention.selection.slash``). 0 turns it off. Shares
             the vertical lines' exact pass over the probe rows.
+        relative_floor: also keep every visible block whose estimated score
+            reaches this fraction of the largest in its row (FlashPrefill's
+            rule beside the threshold cut; 0 turns it off). A sharp estimate
+            (``"max"``) gives blocks without planted structure shares
+            orders of magnitude below a hot key's, but rates hot keys
+            themselves within a factor of a few of their mass: the floor
+            keeps the ones the cut drops. With ``"max"`` at 0.01: spiky and
+            needle worst head rows +0.02-0.05 for +0.000-0.001 density
+            (bench/RESULTS.md, "A floor relative to the row's largest
+            block"); with the mean it is one more point on the tau curve.
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
@@ -157,6 +167,7 @@ class Config:
     probe_blocks: int = 4
     vertical_mass: float = 0.005
     slash_mass: float = 0.0
+    relative_floor: float = 0.0
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     text_tokens_by_call: tuple[tuple[str, int], ...] = ()
     stride: int = 8
@@ -344,6 +355,6 @@ def _validate_config(c: Config) -> None:
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)
-    for name in ("vertical_mass", "slash_mass"):
+    for name in ("vertical_mass", "slash_mass", "relative_floor"):
         value = getattr(c, name)
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, name, "a float in [0, 1) (0: off)", value)

@@ -52,6 +52,7 @@ def sparsity(
     probe_blocks: int | _Unset = UNSET,
     vertical_mass: float | _Unset = UNSET,
     slash_mass: float | _Unset = UNSET,
+    relative_floor: float | _Unset = UNSET,
     threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
     text_tokens_by_call: Mapping[str, int] | _Unset = UNSET,
     stride: int | _Unset = UNSET,
@@ -82,6 +83,8 @@ def sparsity(
         vertical_mass: keep in every row the key blocks holding at least this
             much more true mass on the probe rows than the estimate says (0: off).
         slash_mass: the same for block diagonals, kept in every row (0: off).
+        relative_floor: also keep blocks whose estimated score reaches this
+            fraction of their row's largest (0: off).
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
         text_tokens_by_call: ``{call-name pattern: n}``: joint-attention calls
             whose first ``n`` (``n < 0``: last ``-n``) tokens are text, kept dense.
@@ -113,6 +116,7 @@ def sparsity(
         probe_blocks=probe_blocks,
         vertical_mass=vertical_mass,
         slash_mass=slash_mass,
+        relative_floor=relative_floor,
         threshold_by_call=threshold_by_call,
         text_tokens_by_call=text_tokens_by_call,
         stride=stride,

@@ -39,6 +39,7 @@ from .attention.selection.probes import (
     probe_query_blocks,
     threshold_rule_on_probes,
 )
+from .attention.selection.floor import relative_floor_blocks
 from .attention.selection.slash import slash_blocks
 from .attention.selection.vertical import vertical_blocks
 from .config import Config
@@ -72,7 +73,8 @@ class Plan:
         kernel: the FlexAttention kernel :meth:`attend` runs.
         lines: ``(B, Hq, 1 | nQ, nK)`` bool, the blocks the selection added
             to the threshold's: vertical and slash lines, and the other
-            estimate's cut under ``scoring_reduction="mean+max"`` (None: none).
+            estimate's cut under ``scoring_reduction="mean+max"``, the relative
+            floor (None: none).
     """
 
     pattern: CallPattern
@@ -513,6 +515,10 @@ def plan(
         # What the other estimate's cut keeps joins the lines.
         kept = call_selection(other, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold).selected
         lines = kept if lines is None else lines | kept
+    if config.relative_floor > 0 and sparse:
+        for estimate in (scores, *others):
+            floor = relative_floor_blocks(estimate, pattern.visibility.any, config.relative_floor)
+            lines = floor if lines is None else lines | floor
     blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold, lines=lines)
     kernel = attention_kernel(
         config.attention_kernel,

@@ -77,6 +77,7 @@ def run(
     scoring_reduction: ScoringReduction = Config.scoring_reduction,
     vertical_mass: float = Config.vertical_mass,
     slash_mass: float = Config.slash_mass,
+    relative_floor: float = Config.relative_floor,
     sharpness: float | None = None,
     break_even: bool = True,
     backward: bool = False,
@@ -125,7 +126,7 @@ def run(
                     config = Config(
                         method=method, scorer=scorer, scoring_precision=scoring_precision,
                         scoring_reduction=scoring_reduction, threshold=threshold,
-                        vertical_mass=vertical_mass, slash_mass=slash_mass, stride=stride, attention_kernel=kernel, break_even=break_even,
+                        vertical_mass=vertical_mass, slash_mass=slash_mass, relative_floor=relative_floor, stride=stride, attention_kernel=kernel, break_even=break_even,
                     )  # fmt: skip
 
                     # Named, as the backend names a model's calls: the call site keeps a density history.
