@@ -220,6 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--families", nargs="*", default=["llm", "spiky", "needle", "video", "diffuse"], choices=list(FAMILIES))
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None, help="key / value heads (default: --heads; fewer: GQA, as xflex bench's 32 / 8)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sharpness", type=float, default=None, help="scales the families' planted bonuses (default: each family's own)")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M's layers on real texts")
@@ -253,13 +254,14 @@ def main(argv=None) -> int:
     for family in args.families:
         points = []
         for seed in args.seeds:
-            shape = dict(heads=args.heads, kv_heads=args.heads, head_dim=128, device=device, dtype=dtype, seed=seed)
+            shape = dict(heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=128, device=device, dtype=dtype, seed=seed)
             q, k, _ = make_inputs(family, args.length, **shape, **({} if args.sharpness is None else dict(sharpness=args.sharpness)))
             with torch.no_grad():
                 points += measure(family, q, k, FAMILIES[family].causal, stride=args.stride, samples=args.samples, **grid)
             del q, k
         sharp = "" if args.sharpness is None else f", sharpness {args.sharpness:g}"
-        title = f"{family}{sharp}, {args.length} tokens, H={args.heads}, D=128, S={args.stride}, seeds {args.seeds}"
+        gqa = f" (KV {args.kv_heads})" if args.kv_heads and args.kv_heads != args.heads else ""
+        title = f"{family}{sharp}, {args.length} tokens, H={args.heads}{gqa}, D=128, S={args.stride}, seeds {args.seeds}"
         sections.append(table(title, points))
         print(sections[-1], flush=True)
         if args.plot_dir:
