@@ -53,30 +53,40 @@ def _case(draw):
     # row block at these lengths; 256 (one pair of key tiles) splits rows into many.
     key_range = draw(st.sampled_from([256, 512, gluon_kernel.KEY_RANGE]))
     pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
-    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range, pairing
+    reduction = draw(st.sampled_from(gluon_kernel.REDUCTIONS))
+    return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range, pairing, reduction
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(_case(), st.integers(0, 2**31 - 1))
 def test_matches_reference(case, seed):
-    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range, pairing = case
+    stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range, pairing, reduction = case
     q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, dtype, seed)
     with mock.patch.object(gluon_kernel, "KEY_RANGE", key_range):
         _assert_matches_reference(
-            q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal, pairing=pairing
-        )
+            q, k, stride=stride, block_size=block_size, scale=0.3, causal_offset=causal, pairing=pairing,
+            reduction=reduction,
+        )  # fmt: skip
 
 
+@pytest.mark.parametrize("reduction", gluon_kernel.REDUCTIONS)
 @pytest.mark.parametrize("key_range", [256, gluon_kernel.KEY_RANGE])
 @pytest.mark.parametrize("causal_offset", [None, 0])
-def test_many_key_tiles_and_chunks(causal_offset, key_range, monkeypatch):
+def test_many_key_tiles_and_chunks(causal_offset, key_range, reduction, monkeypatch):
     # 16K tokens at S=8: 2048 reduced key rows, one key range or eight; a
     # small scratch budget makes several query chunks (tile_start > 0, each
     # reaching more ranges under the causal mask) share one scratch and row_lse.
     monkeypatch.setattr(triton_kernel, "_SCRATCH_BYTES", 2**20)
     monkeypatch.setattr(gluon_kernel, "KEY_RANGE", key_range)
     q, k = _inputs(1, 8, 2, 16384, 16384, 128, torch.bfloat16)
-    _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=causal_offset)
+    _assert_matches_reference(q, k, stride=8, block_size=128, causal_offset=causal_offset, reduction=reduction)
+
+
+def test_max_where_a_block_is_longer_than_its_tiles():
+    # S=1, Bs=128: a key block is 128 reduced rows, more than the max's
+    # 64-key tiles, so it takes the mean's 128-key tiles.
+    q, k = _inputs(1, 2, 1, 2000, 2000, 64, torch.bfloat16)
+    _assert_matches_reference(q, k, stride=1, block_size=128, causal_offset=0, reduction="max")
 
 
 def test_head_dim_256_and_odd_tile_count():
@@ -98,6 +108,7 @@ def test_auto_takes_gluon_for_long_calls_only():
     # Short calls are launch-bound, where the Triton kernel's launch is cheaper.
     long = torch.empty(1, 1, 65536, 128, dtype=torch.bfloat16, device="cuda").expand(1, 32, -1, -1)
     assert scoring_backend(long, long, stride=8) == "gluon"
+    assert scoring_backend(long, long, stride=8, reduction="max") == "gluon"
     short = long[:, :, :8192]
     assert scoring_backend(short, short, stride=8) == "triton"
     assert scoring_backend(short, short, stride=8, backend="gluon") == "gluon"
@@ -109,8 +120,7 @@ def test_auto_takes_gluon_for_long_calls_only():
         (dict(dtype=torch.float32), "fp16/bf16"),
         (dict(head_dim=80), "multiple of 64"),
         (dict(block_visible=True), "block_visible"),
-        (dict(reduction="max"), "reduction='mean' only"),
-        (dict(reduction="mean+max"), "reduction='mean' only"),
+        (dict(reduction="mean+max"), "reduction='mean' or 'max' only"),
     ],
 )
 def test_falls_back_to_triton_where_it_cannot_run(change, reason):
@@ -133,7 +143,8 @@ def _fp8_case(draw):
     head_dim = draw(st.sampled_from([64, 128]))  # fp8 chunks of 64 and of 128 columns
     causal = draw(st.sampled_from([None, 0, kv_len - q_len]))
     pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
-    return stride, hkv, groups, batch, q_len, kv_len, head_dim, causal, pairing
+    reduction = draw(st.sampled_from(gluon_kernel.REDUCTIONS))
+    return stride, hkv, groups, batch, q_len, kv_len, head_dim, causal, pairing, reduction
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -142,11 +153,11 @@ def test_fp8_matches_reference_of_rounded_inputs(case, seed):
     # Query heads 0.03 to 3 in magnitude, key heads 1.6 to 0.6: each needs its
     # own scale (a scale read for the wrong head moves logits by powers of
     # two), with logits of standard deviation up to ~6, as attention's are.
-    stride, hkv, groups, batch, q_len, kv_len, head_dim, causal, pairing = case
+    stride, hkv, groups, batch, q_len, kv_len, head_dim, causal, pairing, reduction = case
     q, k = _inputs(batch, hkv * groups, hkv, q_len, kv_len, head_dim, torch.bfloat16, seed)
     q = q * torch.logspace(-1.5, 0.5, q.shape[1], device="cuda", dtype=q.dtype)[:, None, None]
     k = k * torch.logspace(0.2, -0.2, k.shape[1], device="cuda", dtype=k.dtype)[:, None, None]
-    kwargs = dict(stride=stride, block_size=128, scale=0.3, causal_offset=causal, pairing=pairing)
+    kwargs = dict(stride=stride, block_size=128, scale=0.3, causal_offset=causal, pairing=pairing, reduction=reduction)
     got = score_blocks(q, k, precision="fp8", backend="gluon", **kwargs)
     (q8, q_inv), (k8, k_inv) = fp8_per_head(q), fp8_per_head(k)
     want = antidiagonal_block_scores(dequantize(q8, q_inv, torch.float32), dequantize(k8, k_inv, torch.float32), **kwargs)

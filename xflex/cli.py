@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--stride", type=int, default=defaults.stride)
     bench.add_argument("--sharpness", type=float, default=None, help="scale every family's planted bonuses (default: each family's own)")
+    bench.add_argument("--seed", type=int, default=0, help="draws the inputs (default 0)")
     bench.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     bench.add_argument(
         "--no-break-even", dest="break_even", action="store_false",
@@ -255,14 +256,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(
         f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
         f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision} {args.scoring_reduction}, vertical_mass {args.vertical_mass:g}, slash_mass {args.slash_mass:g}, relative_floor {args.relative_floor:g}{direction}{'' if args.break_even else ', no break-even'}"
-        f"{'' if args.sharpness is None else f', sharpness {args.sharpness:g}'}",
+        f"{'' if args.sharpness is None else f', sharpness {args.sharpness:g}'}{'' if args.seed == 0 else f', seed {args.seed}'}",
         flush=True,
     )
     print(speed.HEADER, flush=True)
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
         threshold=args.threshold, stride=args.stride, scorer=args.scorer, scoring_precision=args.scoring_precision,
-        scoring_reduction=args.scoring_reduction, vertical_mass=args.vertical_mass, slash_mass=args.slash_mass, relative_floor=args.relative_floor, sharpness=args.sharpness, break_even=args.break_even,
+        scoring_reduction=args.scoring_reduction, vertical_mass=args.vertical_mass, slash_mass=args.slash_mass, relative_floor=args.relative_floor, sharpness=args.sharpness, seed=args.seed, break_even=args.break_even,
         backward=args.backward, report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:

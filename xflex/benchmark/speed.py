@@ -79,6 +79,7 @@ def run(
     slash_mass: float = Config.slash_mass,
     relative_floor: float = Config.relative_floor,
     sharpness: float | None = None,
+    seed: int = 0,
     break_even: bool = True,
     backward: bool = False,
     rep_ms: int = 100,
@@ -87,7 +88,7 @@ def run(
     """Time every (family, length, method, kernel) on the current CUDA GPU.
 
     ``sharpness`` scales every family's planted bonuses (``make_inputs``;
-    None: each family's own). Correctness is checked first for each family and length: at threshold 1.0
+    None: each family's own); ``seed`` draws the inputs. Correctness is checked first for each family and length: at threshold 1.0
     the op must equal cuDNN SDPA to bf16 tolerance. The op is timed as a
     repeated call of one named call site, so from its second call its density
     history decides (``xflex.policy.DensityCheck``); ``bench.tools.time_probes``
@@ -105,7 +106,7 @@ def run(
         causal = FAMILIES[family].causal
         for length in lengths:
             shape = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
-            q, k, v = make_inputs(family, length, **shape, **({} if sharpness is None else dict(sharpness=sharpness)))
+            q, k, v = make_inputs(family, length, **shape, seed=seed, **({} if sharpness is None else dict(sharpness=sharpness)))
             if backward:
                 q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
             grad = torch.randn_like(q) if backward else None

@@ -48,8 +48,8 @@ _GLUON_MIN_MACS = 2**39
 
 
 def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible, reduction: Reduction) -> str | None:
-    if reduction != "mean":
-        return "it sums a tile's products in one MMA (reduction='mean' only)"
+    if reduction == "mean+max":
+        return "the union's three accumulator tiles do not fit its registers (reduction='mean' or 'max' only)"
     if not q.is_cuda or interpreting():
         return "it runs on CUDA tensors only"
     try:
@@ -70,8 +70,8 @@ def scoring_backend(
 ) -> Literal["torch", "triton", "gluon"]:
     """The scorer :func:`score_blocks` runs for these inputs.
 
-    ``"auto"`` takes the Gluon kernel where it runs (Hopper, fp16/bf16, lengths
-    no ``block_visible``, the mean reduction) and the call is large enough to pay
+    ``"auto"`` takes the Gluon kernel where it runs (Hopper, fp16/bf16, no
+    ``block_visible``, the mean or the max reduction) and the call is large enough to pay
     for its costlier launch (~32K tokens and up), else Triton on CUDA, else
     torch. Raises ValueError when ``backend="gluon"`` cannot run them.
 
@@ -123,8 +123,8 @@ def score_blocks(
             (:func:`paired_query_rows`).
         reduction: how a tile's S paired products become its reduced logit:
             ``"mean"`` (the paper's) or ``"max"`` (``reference`` explains
-            why; the Triton scorer runs it where the Gluon one would), or
-            ``"mean+max"``: both, from one pass over q and k.
+            why), or ``"mean+max"``: both, from one pass over q and k (on
+            the Triton scorer: the Gluon one takes one reduction).
         precision: ``"input"`` multiplies q and k as given; ``"fp8"``, where
             the Gluon scorer runs, rounds them to e4m3 with a power-of-two
             scale per head first (:func:`fp8.fp8_per_head`) and multiplies

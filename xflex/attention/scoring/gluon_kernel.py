@@ -1,13 +1,14 @@
 """The antidiagonal scorer for Hopper (sm_90), warp-specialised in Gluon.
 
-Same contract as ``triton_kernel.scores_kernel`` (per key
-block log2-sum-exp2 in scratch, each row's log2-sum-exp2 in ``row_lse``), for
-the inputs it covers (``unsupported_reason``). What it adds is overlap: in the
-Triton kernel all warps run the per-tile softmax at once while the tensor cores
-idle (19% of its time, bench/NOTES.md, "Profile of the Triton kernel"). Here two consumer
-warpgroups own the same 128 reduced query rows and alternate 128-key tiles
-(consumer w takes tiles w, w+2, ...), so one's softmax runs under the other's
-MMAs. They share a ring of Q chunks (a chunk is freed once both used it) and
+Same contract as ``triton_kernel.scores_kernel`` (per key block
+log2-sum-exp2 in scratch, each row's log2-sum-exp2 in ``row_lse``), for the
+inputs it covers (``unsupported_reason``) and the mean or the max reduction
+(``REDUCTIONS``). What it adds is overlap: in the Triton kernel all warps run
+the per-tile softmax at once while the tensor cores idle (19% of its time,
+bench/NOTES.md, "Profile of the Triton kernel"). Here two consumer warpgroups
+own the same 128 reduced query rows and alternate 128-key tiles (64 for the
+max: ``MAX_BLOCK_N``; consumer w takes tiles w, w+2, ...), so one's softmax,
+and the max's per-offset maximum, run under the other's MMAs. They share a ring of Q chunks (a chunk is freed once both used it) and
 each has its own ring of K chunks; three one-warp producers issue the TMA
 loads. Consumer 1 starts a few chunks behind consumer 0, so their softmaxes
 fall at different times. A program takes one ``KEY_RANGE`` of the keys, so a
@@ -32,12 +33,26 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["CONFIG", "FP8_CONFIG", "KEY_RANGE", "kernel_config", "key_ranges", "launch", "scores_kernel", "unsupported_reason", "whole_groups"]
+__all__ = [
+    "CONFIG",
+    "FP8_CONFIG",
+    "KEY_RANGE",
+    "REDUCTIONS",
+    "kernel_config",
+    "key_ranges",
+    "launch",
+    "scores_kernel",
+    "unsupported_reason",
+    "whole_groups",
+]
 
 # Tile rows (reduced rows): 128 queries x 128 keys per consumer, the largest
 # fp32 accumulator a warpgroup holds beside the softmax (128 registers a thread).
 BLOCK_M = 128
 BLOCK_N = 128
+# The max reduction holds two tiles, each offset's product and the running max
+# of them: 64 keys each, the registers of one 128-key tile.
+MAX_BLOCK_N = 64
 # Reduced key rows a program takes (8 pairs of key tiles): the programs of a
 # row block split its keys, so those in flight at once are a few heads' query
 # row blocks by key ranges, whose q and k stay in L2, and all do about the same
@@ -52,6 +67,7 @@ CONFIG = dict(BLOCK_K=64, Q_DEPTH=7, K_DEPTH=3)
 # fp8 inputs where the head dim is a multiple of its BLOCK_K (else CONFIG):
 # chunks of 128 one-byte columns, the bytes of CONFIG's.
 FP8_CONFIG = dict(BLOCK_K=128, Q_DEPTH=7, K_DEPTH=3)
+REDUCTIONS = ("mean", "max")  # the union's three tiles do not fit (the Triton kernel has it)
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv}
 # Registers a thread: the kernel is launched with 12 warps at _MAX_REGS; the
 # producers' warpgroup gives its registers to the consumers (256 and 232).
@@ -105,9 +121,11 @@ def _load_partition(
 
 @gluon.jit
 def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS: gl.constexpr,
-                    LEADER: gl.constexpr, ELEMENT_BITS: gl.constexpr):  # fmt: skip
+                    LEADER: gl.constexpr, ELEMENT_BITS: gl.constexpr, MAX: gl.constexpr,
+                    D_CHUNKS: gl.constexpr):  # fmt: skip
     """One tile's reduced GEMM: ``STEPS`` chunk MMAs, each chunk's buffers
-    freed as soon as its MMA is done. The leader (consumer 0) lets consumer 1
+    freed as soon as its MMA is done; with ``MAX``, the largest of the S
+    offsets' products (an offset is ``D_CHUNKS`` chunks) instead of their sum. The leader (consumer 0) lets consumer 1
     start once it is Q_DEPTH - 2 chunks (at most the whole tile) into its first
     tile: before the Q ring, which consumer 1 has not freed yet, stops it.
     A consumer's tile of pair p is its p-th (only consumer 1's last may be
@@ -122,19 +140,33 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 256 // ELEMENT_BITS]
     )
     acc = gl.zeros([ROWS, KEYS], gl.float32, layout=mma)
+    if MAX:
+        best = gl.full([ROWS, KEYS], float("-inf"), gl.float32, layout=mma)
     for c in range(STEPS):
         n = pair * STEPS + c
         mbarrier.wait(q_ready.index(n % QD), (n // QD) & 1)
         mbarrier.wait(k_ready.index(n % KD), (n // KD) & 1)
-        acc = warpgroup_mma(q_bufs.index(n % QD), k_bufs.index(n % KD).permute((1, 0)), acc, is_async=True)
+        keep = True
+        if MAX:
+            keep = c % D_CHUNKS != 0  # an offset's first chunk starts its product afresh
+        acc = warpgroup_mma(q_bufs.index(n % QD), k_bufs.index(n % KD).permute((1, 0)), acc, use_acc=keep,
+                            is_async=True)  # fmt: skip
         acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous chunk's MMA is done
         mbarrier.arrive(q_empty.index((n + QD - 1) % QD), pred=c > 0)
         mbarrier.arrive(k_empty.index((n + KD - 1) % KD), pred=c > 0)
         if LEADER:
             mbarrier.arrive(start, pred=(pair == 0) & (c == START_AFTER))
+        if MAX:
+            # The offset's product is read once its last MMA is done; the other
+            # consumer's MMAs keep the tensor cores busy meanwhile.
+            if c % D_CHUNKS == D_CHUNKS - 1:
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                best = gl.maximum(best, acc)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(q_empty.index((pair * STEPS + STEPS - 1) % QD))
     mbarrier.arrive(k_empty.index((pair * STEPS + STEPS - 1) % KD))
+    if MAX:
+        return best
     return acc
 
 
@@ -142,7 +174,8 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
 def _consumer_partition(
     q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, scratch_rows, stride_sr, row_lse_part, t0, k_first,
     n_tiles, unmasked_tiles, n_k_tiles, diag_shift, qk_scale, WHICH: gl.constexpr, STEPS: gl.constexpr,
-    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, ELEMENT_BITS: gl.constexpr,
+    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, ELEMENT_BITS: gl.constexpr, MAX: gl.constexpr,
+    D_CHUNKS: gl.constexpr,
 ):  # fmt: skip
     """Consumer ``WHICH``: key tiles WHICH, WHICH+2, ... of the program's rows;
     the softmax as in the Triton kernel's ``_online_softmax_tile``."""
@@ -167,7 +200,8 @@ def _consumer_partition(
         j = 2 * pair + WHICH
         if j < n_tiles:
             acc = _consume_chunks(
-                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS, WHICH == 0, ELEMENT_BITS
+                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS, WHICH == 0, ELEMENT_BITS, MAX,
+                D_CHUNKS,
             )
             x = acc * qk_scale
             if j >= unmasked_tiles:  # crosses the causal diagonal or the last key tile
@@ -205,15 +239,18 @@ def scores_kernel(
     q_desc, k_desc, scratch_ptr, row_lse_ptr, head_scale_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads,
     group_size, q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
     TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, PAIRING: gl.constexpr, HAS_HEAD_SCALE: gl.constexpr,
-    BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
+    MAX: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
     K_DEPTH: gl.constexpr, ROWS: gl.constexpr, KEYS: gl.constexpr, KEY_RANGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
 ):  # fmt: skip
     """One program: ``ROWS`` reduced query rows of one (batch, query head) by
     the key tiles of one ``KEY_RANGE``, up to the causal diagonal of its last row.
     ``HAS_HEAD_SCALE``: fp8 inputs, whose products are multiplied by
-    ``head_scale_ptr[b * num_heads + h]`` (``fp8.head_scales``)."""
-    STEPS: gl.constexpr = STRIDE * HEAD_DIM // BLOCK_K
+    ``head_scale_ptr[b * num_heads + h]`` (``fp8.head_scales``). ``MAX``: the
+    reduced logit is the largest paired product, not the sum (``qk_scale`` is
+    the mean's, as in the Triton kernel)."""
+    D_CHUNKS: gl.constexpr = HEAD_DIM // BLOCK_K
+    STEPS: gl.constexpr = STRIDE * D_CHUNKS
     ELEMENT_BITS: gl.constexpr = q_desc.dtype.primitive_bitwidth
     gl.static_assert(Q_DEPTH >= 3)  # consumer 1's head start is Q_DEPTH - 2 >= 1 chunks
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (causal: last) rows first
@@ -236,6 +273,8 @@ def scores_kernel(
         return
     if HAS_HEAD_SCALE:
         qk_scale = qk_scale * gl.load(head_scale_ptr + pid_bh)
+    if MAX:
+        qk_scale = qk_scale * STRIDE
 
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(
         swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=ELEMENT_BITS, rank=2
@@ -269,11 +308,12 @@ def scores_kernel(
         [
             (_consumer_partition, (q_bufs, q_ready, q_empty, k0_bufs, k0_ready, k0_empty, start, scratch_rows,
                                    stride_sr, row_lse_part, t0, k_first, n_tiles, unmasked_tiles, n_k_tiles,
-                                   diag_shift, qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL, ELEMENT_BITS)),
+                                   diag_shift, qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL, ELEMENT_BITS, MAX,
+                                   D_CHUNKS)),
             (_consumer_partition, (q_bufs, q_ready, q_empty, k1_bufs, k1_ready, k1_empty, start, scratch_rows,
                                    stride_sr, row_lse_part + stride_rp, t0, k_first, n_tiles, unmasked_tiles,
                                    n_k_tiles, diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL,
-                                   ELEMENT_BITS)),
+                                   ELEMENT_BITS, MAX, D_CHUNKS)),
             # Q: the program's rows once per pair of key tiles; K: the even, the odd tiles.
             (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, PAIRING, STRIDE, HEAD_DIM,
                                ELEMENT_BITS)),
@@ -355,23 +395,29 @@ def launch(
     qk_scale: float,
     causal: bool,
     interleaved: bool,
+    reduction: str = "mean",
     head_scale: torch.Tensor | None = None,
 ) -> None:
     """Scores reduced query rows ``[tile_start, tile_start + chunk)``: block
     log2-sum-exp2s into ``scratch`` (B*Hq, rows, nK), each key range's two
     consumers' row parts into ``row_lse`` (B*Hq, 2 * key_ranges(Lk, S), rows):
-    -inf for the ranges a row does not reach. fp8 ``q`` and ``k`` come with
-    ``head_scale`` (``fp8.head_scales``)."""
+    -inf for the ranges a row does not reach. ``reduction``: one of
+    ``REDUCTIONS``. fp8 ``q`` and ``k`` come with ``head_scale``
+    (``fp8.head_scales``)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, but got reduction={reduction!r}")
     if (q.dtype == torch.float8_e4m3fn) != (head_scale is not None):
         raise ValueError(f"head_scale must be given exactly for fp8 inputs, but got q.dtype={q.dtype} and "
                          f"head_scale={'None' if head_scale is None else 'a tensor'}")  # fmt: skip
     B, Hq, Lq, D = q.shape
+    # Whole key blocks a tile: 128-key tiles where a block is longer than the max's.
+    keys = MAX_BLOCK_N if reduction == "max" and tiles_per_block <= MAX_BLOCK_N else BLOCK_N
     # Ranges past the chunk's last causal diagonal have no programs: their parts stay -inf.
     row_lse.fill_(float("-inf"))
     keys_reached = k.shape[2] if not causal else min(k.shape[2], (tile_start + chunk + diag_shift) * stride)
     scores_kernel[(-(-chunk // BLOCK_M), key_ranges(keys_reached, stride), B * Hq)](
         _descriptor(q, stride, BLOCK_M),
-        _descriptor(k, stride, BLOCK_N),
+        _descriptor(k, stride, keys),
         scratch,
         row_lse,
         scratch if head_scale is None else head_scale,  # an unread pointer without scales
@@ -392,8 +438,9 @@ def launch(
         HAS_CAUSAL=causal,
         PAIRING=2 if interleaved else 1,
         HAS_HEAD_SCALE=head_scale is not None,
+        MAX=reduction == "max",
         ROWS=BLOCK_M,
-        KEYS=BLOCK_N,
+        KEYS=keys,
         KEY_RANGE=KEY_RANGE,
         CONSUMER_REGS=_CONSUMER_REGS,
         PRODUCER_REGS=_PRODUCER_REGS,

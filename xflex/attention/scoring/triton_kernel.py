@@ -571,7 +571,7 @@ def antidiagonal_block_scores_triton(
         reduction: the reduced logit is the mean of the tile's S paired
             products or their max (``reference.Reduction``); ``"mean+max"``
             computes both in one pass (the same loads and MMAs). The Gluon
-            kernel sums them in one MMA and takes the mean only.
+            kernel takes the mean or the max (``gluon_kernel.REDUCTIONS``).
         head_scale: with ``use_gluon`` only, for e4m3 q and k
             (``fp8.fp8_per_head``): per query head, the factor their products
             are multiplied by (``fp8.head_scales``).
@@ -601,8 +601,11 @@ def antidiagonal_block_scores_triton(
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, but got pairing={pairing!r}")
     validate_reduction(reduction)
-    if use_gluon and reduction != "mean":
-        raise ValueError(f"the Gluon scorer takes reduction='mean' only, but got reduction={reduction!r}")
+    if use_gluon:
+        from . import gluon_kernel
+
+        if reduction not in gluon_kernel.REDUCTIONS:
+            raise ValueError(f"the Gluon scorer takes reduction in {gluon_kernel.REDUCTIONS}, but got reduction={reduction!r}")
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
@@ -622,8 +625,6 @@ def antidiagonal_block_scores_triton(
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
     scratch = torch.empty((len(estimates) * B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
     if use_gluon:
-        from . import gluon_kernel
-
         # Same tile counts (ceil(L/S)) and key ranges as the unpadded lengths.
         q, k = gluon_kernel.whole_groups(q, S), gluon_kernel.whole_groups(k, S)
     # Row parts: the Gluon kernel's two consumers each see half of each key range.
@@ -647,7 +648,7 @@ def antidiagonal_block_scores_triton(
             interleaved=pairing == "interleaved",
         )
         if use_gluon:
-            gluon_kernel.launch(q, k, scratch, row_lse, head_scale=head_scale, **launch_args)
+            gluon_kernel.launch(q, k, scratch, row_lse, reduction=reduction, head_scale=head_scale, **launch_args)
         else:
             has_block_visible = block_visible is not None
             _launch_triton_scorer(
