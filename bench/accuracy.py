@@ -28,7 +28,15 @@ from pathlib import Path
 import torch
 
 from bench import texts
-from bench.common import DEFAULT_PRECISION, DEFAULT_REDUCTION, DEFAULT_SCORER, DEFAULT_SLASH_MASS, DEFAULT_VERTICAL_MASS, setting_name
+from bench.common import (
+    DEFAULT_PRECISION,
+    DEFAULT_REDUCTION,
+    DEFAULT_RELATIVE_FLOOR,
+    DEFAULT_SCORER,
+    DEFAULT_SLASH_MASS,
+    DEFAULT_VERTICAL_MASS,
+    setting_name,
+)
 from xflex import demo
 from xflex.attention.backends import BACKENDS
 
@@ -38,7 +46,7 @@ DEFAULT_SETTINGS = ["threshold:0.9", "threshold:0.95", "adaptive:0.9", "adaptive
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """``method[+scorer][+precision][+vertical=X][+reduction][+slash=X]:threshold`` (stride from ``--stride``)."""
+    """``method[+scorer][+precision][+vertical=X][+reduction][+slash=X][+floor=X]:threshold`` (stride from ``--stride``)."""
 
     method: str
     threshold: float
@@ -47,6 +55,7 @@ class Setting:
     vertical_mass: float = DEFAULT_VERTICAL_MASS
     reduction: str = DEFAULT_REDUCTION
     slash_mass: float = DEFAULT_SLASH_MASS
+    relative_floor: float = DEFAULT_RELATIVE_FLOOR
 
     @staticmethod
     def parse(text: str) -> Setting:
@@ -54,7 +63,7 @@ class Setting:
         from xflex.config import METHODS, SCORING_REDUCTIONS as REDUCTIONS
 
         error = argparse.ArgumentTypeError(
-            f"expected METHOD[+SCORER][+PRECISION][+vertical=X][+REDUCTION][+slash=X]:THRESHOLD with METHOD in {METHODS}, "
+            f"expected METHOD[+SCORER][+PRECISION][+vertical=X][+REDUCTION][+slash=X][+floor=X]:THRESHOLD with METHOD in {METHODS}, "
             f"SCORER in {PAIRINGS}, PRECISION in {PRECISIONS} and REDUCTION in {REDUCTIONS}, but got {text!r}"
         )
         name, _, threshold = text.partition(":")
@@ -71,6 +80,8 @@ class Setting:
                 field, value = "vertical_mass", option.removeprefix("vertical=")
             elif option.startswith("slash="):
                 field, value = "slash_mass", option.removeprefix("slash=")
+            elif option.startswith("floor="):
+                field, value = "relative_floor", option.removeprefix("floor=")
             else:
                 raise error
             if field in fields:
@@ -78,7 +89,7 @@ class Setting:
             fields[field] = value
         try:
             fields["threshold"] = float(threshold)
-            for field in ("vertical_mass", "slash_mass"):
+            for field in ("vertical_mass", "slash_mass", "relative_floor"):
                 if field in fields:
                     fields[field] = float(fields[field])
         except ValueError:
@@ -89,7 +100,7 @@ class Setting:
 
     @property
     def name(self) -> str:
-        return f"{setting_name(self.method, self.scorer, self.precision, self.vertical_mass, self.reduction, self.slash_mass)} {self.threshold:g}"
+        return f"{setting_name(self.method, self.scorer, self.precision, self.vertical_mass, self.reduction, self.slash_mass, self.relative_floor)} {self.threshold:g}"
 
 
 @dataclasses.dataclass
@@ -122,7 +133,7 @@ def run_prompt(model, compiled, tokenizer, prompt, text, seed, settings, args) -
             compiled, tokenizer, prompt, new_tokens=args.new_tokens, dynamic_length=True,
             method=setting.method, threshold=setting.threshold, scorer=setting.scorer,
             scoring_precision=setting.precision, scoring_reduction=setting.reduction, vertical_mass=setting.vertical_mass, slash_mass=setting.slash_mass,
-            stride=args.stride, backend=args.backend,
+            relative_floor=setting.relative_floor, stride=args.stride, backend=args.backend,
             break_even=False,  # the selection's own accuracy, also where a GPU would run these lengths dense
         )  # fmt: skip
         density = result.stats.density

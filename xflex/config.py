@@ -70,8 +70,11 @@ class Config:
             pairing never crosses (spiky family: recall 0.90, worst row
             0.71, where the mean's flat estimate keeps nearly every block),
             and lost 2 of SmolLM2's 18 harness retrievals that the mean keeps.
-            The Gluon scorer takes the mean only, so ``"max"`` runs on the
-            Triton scorer (bench/RESULTS.md, "The max reduction").
+            On the Gluon scorer the max costs 1.22x the mean (bench/RESULTS.md,
+            "The max reduction", "The spiky family at 128K"). With
+            ``slash_mass=0.005``, ``relative_floor=0.01`` and tau 0.999 it
+            takes the spiky family at 128K to 4.2-5.8x over cuDNN at recall
+            0.950-0.956 (three seeds), where the mean runs dense.
             ``"mean+max"``: the mean's selection plus the blocks the max's
             cut keeps at the same threshold (the plan's scores, vertical
             lines and forecast are the mean's). It lifts the needle family's
@@ -112,8 +115,9 @@ class Config:
             (``"max"``) gives blocks without planted structure shares
             orders of magnitude below a hot key's, but rates hot keys
             themselves within a factor of a few of their mass: the floor
-            keeps the ones the cut drops. With ``"max"`` at 0.01: spiky and
-            needle worst head rows +0.02-0.05 for +0.000-0.001 density
+            keeps the ones the cut drops. With ``"max"`` at 0.01: worst head
+            rows +0.01-0.05 on spiky inputs, +0.04 on sharp video, +0.000-
+            0.006 on needles, for +0.000-0.004 density
             (bench/RESULTS.md, "A floor relative to the row's largest
             block"); with the mean it is one more point on the tau curve.
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
