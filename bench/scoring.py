@@ -49,7 +49,7 @@ def score(q, k, stride, backend="auto", precision="input", reduction="mean"):
 def reference_score(q, k, stride, precision="input", backend="auto", reduction="mean"):
     """The plain-torch scores; for fp8 on the Gluon scorer (the one that
     multiplies fp8), of the e4m3-rounded inputs (exact in fp32)."""
-    if precision == "fp8" and scoring_backend(q, k, stride=stride, backend=backend, reduction=reduction) == "gluon":
+    if precision == "fp8" and scoring_backend(q, k, stride=stride, backend=backend) == "gluon":
         q, k = (dequantize(*fp8_per_head(x), torch.float32) for x in (q, k))
     return score(q, k, stride, backend="torch", reduction=reduction)
 
@@ -95,12 +95,12 @@ def describe(config) -> str:
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flat}"
 
 
-def _kernel_config(q, k, stride, backend, precision, reduction) -> str:
+def _kernel_config(q, k, stride, backend, precision) -> str:
     """The scorer that ran, as a table cell: the Gluon kernel's config, or the
     Triton autotuner's pick."""
     from xflex.attention.scoring import triton_kernel
 
-    if scoring_backend(q, k, stride=stride, backend=backend, reduction=reduction) == "gluon":
+    if scoring_backend(q, k, stride=stride, backend=backend) == "gluon":
         from xflex.attention.scoring.gluon_kernel import KEY_RANGE, kernel_config
 
         dtype = torch.float8_e4m3fn if precision == "fp8" else q.dtype
@@ -154,7 +154,7 @@ def run_case(length, kinds, heads, kv_heads, head_dim=128, backend="auto", preci
                     density=f"{density:.2f}",
                     reference="-" if ref_ms is None else f"{ref_ms:.2f}",
                     memory=f"{mib:.0f}",
-                    config=_kernel_config(q, k, stride, backend, precision, reduction),
+                    config=_kernel_config(q, k, stride, backend, precision),
                 )
             )
             print(" | ".join(str(x) for x in rows[-1].values()), flush=True)

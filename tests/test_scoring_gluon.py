@@ -14,7 +14,7 @@ pytest.importorskip("triton.experimental.gluon", reason="needs a Triton with Glu
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from xflex.attention.scoring import antidiagonal_block_scores, gluon_kernel, score_blocks, scoring_backend  # noqa: E402
+from xflex.attention.scoring import REDUCTIONS, antidiagonal_block_scores, gluon_kernel, score_blocks, scoring_backend  # noqa: E402
 from xflex.attention.scoring.fp8 import dequantize, fp8_per_head  # noqa: E402
 from xflex.attention.scoring import triton_kernel  # noqa: E402
 from xflex.attention.scoring.triton_kernel import antidiagonal_block_scores_triton  # noqa: E402
@@ -53,7 +53,7 @@ def _case(draw):
     # row block at these lengths; 256 (one pair of key tiles) splits rows into many.
     key_range = draw(st.sampled_from([256, 512, gluon_kernel.KEY_RANGE]))
     pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
-    reduction = draw(st.sampled_from(gluon_kernel.REDUCTIONS))
+    reduction = draw(st.sampled_from(REDUCTIONS))
     return stride, block_size, hkv, groups, batch, q_len, kv_len, head_dim, dtype, causal, key_range, pairing, reduction
 
 
@@ -69,7 +69,7 @@ def test_matches_reference(case, seed):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("reduction", gluon_kernel.REDUCTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("key_range", [256, gluon_kernel.KEY_RANGE])
 @pytest.mark.parametrize("causal_offset", [None, 0])
 def test_many_key_tiles_and_chunks(causal_offset, key_range, reduction, monkeypatch):
@@ -108,7 +108,6 @@ def test_auto_takes_gluon_for_long_calls_only():
     # Short calls are launch-bound, where the Triton kernel's launch is cheaper.
     long = torch.empty(1, 1, 65536, 128, dtype=torch.bfloat16, device="cuda").expand(1, 32, -1, -1)
     assert scoring_backend(long, long, stride=8) == "gluon"
-    assert scoring_backend(long, long, stride=8, reduction="max") == "gluon"
     short = long[:, :, :8192]
     assert scoring_backend(short, short, stride=8) == "triton"
     assert scoring_backend(short, short, stride=8, backend="gluon") == "gluon"
@@ -120,19 +119,17 @@ def test_auto_takes_gluon_for_long_calls_only():
         (dict(dtype=torch.float32), "fp16/bf16"),
         (dict(head_dim=80), "multiple of 64"),
         (dict(block_visible=True), "block_visible"),
-        (dict(reduction="mean+max"), "reduction='mean' or 'max' only"),
     ],
 )
 def test_falls_back_to_triton_where_it_cannot_run(change, reason):
     args = dict(q_len=4096, head_dim=128, dtype=torch.bfloat16) | change
     block_visible = args.pop("block_visible", None)
-    reduction = args.pop("reduction", "mean")
     q, k = _inputs(1, 4, 4, args["q_len"], 4096, args["head_dim"], args["dtype"])
     if block_visible:
         block_visible = torch.ones(1, 1, math.ceil(q.shape[2] / 128), 32, dtype=torch.bool, device="cuda")
-    assert scoring_backend(q, k, stride=8, block_visible=block_visible, reduction=reduction) == "triton"
+    assert scoring_backend(q, k, stride=8, block_visible=block_visible) == "triton"
     with pytest.raises(ValueError, match=reason):
-        scoring_backend(q, k, stride=8, block_visible=block_visible, reduction=reduction, backend="gluon")
+        scoring_backend(q, k, stride=8, block_visible=block_visible, backend="gluon")
 
 
 @st.composite
@@ -143,7 +140,7 @@ def _fp8_case(draw):
     head_dim = draw(st.sampled_from([64, 128]))  # fp8 chunks of 64 and of 128 columns
     causal = draw(st.sampled_from([None, 0, kv_len - q_len]))
     pairing = draw(st.sampled_from(["antidiagonal", "interleaved"]))
-    reduction = draw(st.sampled_from(gluon_kernel.REDUCTIONS))
+    reduction = draw(st.sampled_from(REDUCTIONS))
     return stride, hkv, groups, batch, q_len, kv_len, head_dim, causal, pairing, reduction
 
 

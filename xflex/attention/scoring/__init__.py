@@ -47,9 +47,7 @@ __all__ = [
 _GLUON_MIN_MACS = 2**39
 
 
-def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible, reduction: Reduction) -> str | None:
-    if reduction == "mean+max":
-        return "the union's three accumulator tiles do not fit its registers (reduction='mean' or 'max' only)"
+def _gluon_unsupported_reason(q: torch.Tensor, k: torch.Tensor, stride: int, block_visible) -> str | None:
     if not q.is_cuda or interpreting():
         return "it runs on CUDA tensors only"
     try:
@@ -65,13 +63,12 @@ def scoring_backend(
     *,
     stride: int,
     block_visible: torch.Tensor | None = None,
-    reduction: Reduction = "mean",
     backend: Backend = "auto",
 ) -> Literal["torch", "triton", "gluon"]:
     """The scorer :func:`score_blocks` runs for these inputs.
 
     ``"auto"`` takes the Gluon kernel where it runs (Hopper, fp16/bf16, no
-    ``block_visible``, the mean or the max reduction) and the call is large enough to pay
+    ``block_visible``; every reduction) and the call is large enough to pay
     for its costlier launch (~32K tokens and up), else Triton on CUDA, else
     torch. Raises ValueError when ``backend="gluon"`` cannot run them.
 
@@ -84,7 +81,7 @@ def scoring_backend(
         return "torch"
     if backend == "triton":
         return "triton"
-    reason = _gluon_unsupported_reason(query, key, stride, block_visible, reduction)
+    reason = _gluon_unsupported_reason(query, key, stride, block_visible)
     if reason is not None and backend == "gluon":
         raise ValueError(f"backend='gluon' cannot score these inputs: {reason}")
     B, Hq, Lq, D = query.shape
@@ -123,8 +120,7 @@ def score_blocks(
             (:func:`paired_query_rows`).
         reduction: how a tile's S paired products become its reduced logit:
             ``"mean"`` (the paper's) or ``"max"`` (``reference`` explains
-            why), or ``"mean+max"``: both, from one pass over q and k (on
-            the Triton scorer: the Gluon one takes one reduction).
+            why), or ``"mean+max"``: both, from one pass over q and k.
         precision: ``"input"`` multiplies q and k as given; ``"fp8"``, where
             the Gluon scorer runs, rounds them to e4m3 with a power-of-two
             scale per head first (:func:`fp8.fp8_per_head`) and multiplies
@@ -151,7 +147,7 @@ def score_blocks(
     validate_reduction(reduction)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, but got precision={precision!r}")
-    kernel = scoring_backend(query, key, stride=stride, block_visible=block_visible, reduction=reduction, backend=backend)
+    kernel = scoring_backend(query, key, stride=stride, block_visible=block_visible, backend=backend)
     if precision == "fp8" and kernel == "gluon":
         from .triton_kernel import antidiagonal_block_scores_triton
 

@@ -2,13 +2,13 @@
 
 Same contract as ``triton_kernel.scores_kernel`` (per key block
 log2-sum-exp2 in scratch, each row's log2-sum-exp2 in ``row_lse``), for the
-inputs it covers (``unsupported_reason``) and the mean or the max reduction
-(``REDUCTIONS``). What it adds is overlap: in the Triton kernel all warps run
+inputs it covers (``unsupported_reason``) and each reduction
+(``reference.REDUCTIONS``). What it adds is overlap: in the Triton kernel all warps run
 the per-tile softmax at once while the tensor cores idle (19% of its time,
 bench/NOTES.md, "Profile of the Triton kernel"). Here two consumer warpgroups
 own the same 128 reduced query rows and alternate 128-key tiles (64 for the
-max: ``MAX_BLOCK_N``; consumer w takes tiles w, w+2, ...), so one's softmax,
-and the max's per-offset maximum, run under the other's MMAs. They share a ring of Q chunks (a chunk is freed once both used it) and
+max and the union: ``MAX_BLOCK_N``; consumer w takes tiles w, w+2, ...), so
+one's softmax, and the max's per-offset maximum, run under the other's MMAs. They share a ring of Q chunks (a chunk is freed once both used it) and
 each has its own ring of K chunks; three one-warp producers issue the TMA
 loads. Consumer 1 starts a few chunks behind consumer 0, so their softmaxes
 fall at different times. A program takes one ``KEY_RANGE`` of the keys, so a
@@ -33,11 +33,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .reference import Reduction, validate_reduction
+
 __all__ = [
     "CONFIG",
     "FP8_CONFIG",
     "KEY_RANGE",
-    "REDUCTIONS",
     "kernel_config",
     "key_ranges",
     "launch",
@@ -51,7 +52,8 @@ __all__ = [
 BLOCK_M = 128
 BLOCK_N = 128
 # The max reduction holds two tiles, each offset's product and the running max
-# of them: 64 keys each, the registers of one 128-key tile.
+# of them (the union a third, the sum): 64 keys each, so that they fit beside
+# the softmax in a warpgroup's registers.
 MAX_BLOCK_N = 64
 # Reduced key rows a program takes (8 pairs of key tiles): the programs of a
 # row block split its keys, so those in flight at once are a few heads' query
@@ -67,7 +69,6 @@ CONFIG = dict(BLOCK_K=64, Q_DEPTH=7, K_DEPTH=3)
 # fp8 inputs where the head dim is a multiple of its BLOCK_K (else CONFIG):
 # chunks of 128 one-byte columns, the bytes of CONFIG's.
 FP8_CONFIG = dict(BLOCK_K=128, Q_DEPTH=7, K_DEPTH=3)
-REDUCTIONS = ("mean", "max")  # the union's three tiles do not fit (the Triton kernel has it)
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv}
 # Registers a thread: the kernel is launched with 12 warps at _MAX_REGS; the
 # producers' warpgroup gives its registers to the consumers (256 and 232).
@@ -121,11 +122,13 @@ def _load_partition(
 
 @gluon.jit
 def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS: gl.constexpr,
-                    LEADER: gl.constexpr, ELEMENT_BITS: gl.constexpr, MAX: gl.constexpr,
+                    LEADER: gl.constexpr, ELEMENT_BITS: gl.constexpr, MEAN: gl.constexpr, MAX: gl.constexpr,
                     D_CHUNKS: gl.constexpr):  # fmt: skip
     """One tile's reduced GEMM: ``STEPS`` chunk MMAs, each chunk's buffers
-    freed as soon as its MMA is done; with ``MAX``, the largest of the S
-    offsets' products (an offset is ``D_CHUNKS`` chunks) instead of their sum. The leader (consumer 0) lets consumer 1
+    freed as soon as its MMA is done. Two tiles, as the Triton kernel's
+    ``_reduced_logits``: with ``MEAN`` the sum of the S offsets' products
+    first, with ``MAX`` their largest (an offset is ``D_CHUNKS`` chunks)
+    second, or both when ``MEAN`` is off; one estimate alone is returned twice. The leader (consumer 0) lets consumer 1
     start once it is Q_DEPTH - 2 chunks (at most the whole tile) into its first
     tile: before the Q ring, which consumer 1 has not freed yet, stops it.
     A consumer's tile of pair p is its p-th (only consumer 1's last may be
@@ -142,6 +145,8 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
     acc = gl.zeros([ROWS, KEYS], gl.float32, layout=mma)
     if MAX:
         best = gl.full([ROWS, KEYS], float("-inf"), gl.float32, layout=mma)
+        if MEAN:
+            total = gl.zeros([ROWS, KEYS], gl.float32, layout=mma)
     for c in range(STEPS):
         n = pair * STEPS + c
         mbarrier.wait(q_ready.index(n % QD), (n // QD) & 1)
@@ -162,23 +167,69 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
             if c % D_CHUNKS == D_CHUNKS - 1:
                 acc = warpgroup_mma_wait(0, deps=(acc,))
                 best = gl.maximum(best, acc)
+                if MEAN:
+                    total += acc
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(q_empty.index((pair * STEPS + STEPS - 1) % QD))
     mbarrier.arrive(k_empty.index((pair * STEPS + STEPS - 1) % KD))
     if MAX:
-        return best
-    return acc
+        if MEAN:
+            return total, best
+        return best, best
+    return acc, acc
+
+
+@gluon.jit
+def _tile_softmax(
+    x, m_i, l_i, scratch_rows, stride_sr, row_ids, t, j, k_first, unmasked_tiles, n_k_tiles, diag_shift,
+    HAS_CAUSAL: gl.constexpr, TILES_PER_BLOCK: gl.constexpr, mma: gl.constexpr, per_row: gl.constexpr,
+):  # fmt: skip
+    """Key tile ``j``'s step of one estimate's online softmax (``x``: its
+    logits in log2 units): parks the tile's per-key-block log2-sum-exp2 in
+    ``scratch_rows`` and returns the updated row max and sum."""
+    ROWS: gl.constexpr = x.shape[0]
+    KEYS: gl.constexpr = x.shape[1]
+    K_BLOCKS: gl.constexpr = KEYS // TILES_PER_BLOCK
+    if j >= unmasked_tiles:  # crosses the causal diagonal or the last key tile
+        u = k_first + j * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(0, mma))
+        visible = gl.expand_dims(u < n_k_tiles, 0)
+        if HAS_CAUSAL:
+            visible = visible & (gl.expand_dims(u, 0) <= gl.expand_dims(t + diag_shift, 1))
+        x = gl.where(visible, x, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(x, axis=1))
+    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+    probs = gl.exp2(x - gl.expand_dims(m_ref, 1))
+    block_sum = gl.sum(gl.reshape(probs, [ROWS, K_BLOCKS, TILES_PER_BLOCK]), axis=2)
+    block_sum = gl.convert_layout(block_sum, per_row)
+    alpha = gl.convert_layout(gl.exp2(m_i - m_ref), gl.SliceLayout(1, per_row))
+    l_i = l_i * alpha + gl.sum(block_sum, axis=1)
+    m_ref = gl.convert_layout(m_ref, gl.SliceLayout(1, per_row))
+    block_lse = gl.expand_dims(m_ref, 1) + _fast_log2(block_sum)
+    kb = k_first // TILES_PER_BLOCK + j * K_BLOCKS + gl.arange(0, K_BLOCKS, layout=gl.SliceLayout(0, per_row))
+    ptrs = scratch_rows + gl.expand_dims(row_ids, 1) * stride_sr + gl.expand_dims(kb, 0)
+    gl.store(ptrs, block_lse, mask=gl.expand_dims(kb < gl.cdiv(n_k_tiles, TILES_PER_BLOCK), 0))
+    return m_new, l_i
+
+
+@gluon.jit
+def _store_row_part(m_i, l_i, row_lse_part, row_ids, per_row: gl.constexpr):
+    """A consumer's part of each row's log2-sum-exp2; -inf: it saw no key."""
+    m_i = gl.convert_layout(m_i, gl.SliceLayout(1, per_row))
+    part = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    gl.store(row_lse_part + row_ids, part)
 
 
 @gluon.jit
 def _consumer_partition(
-    q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, scratch_rows, stride_sr, row_lse_part, t0, k_first,
-    n_tiles, unmasked_tiles, n_k_tiles, diag_shift, qk_scale, WHICH: gl.constexpr, STEPS: gl.constexpr,
-    TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, ELEMENT_BITS: gl.constexpr, MAX: gl.constexpr,
-    D_CHUNKS: gl.constexpr,
+    q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, scratch_rows, second_scratch, stride_sr, row_lse_part,
+    second_row_lse, t0, k_first, n_tiles, unmasked_tiles, n_k_tiles, diag_shift, qk_scale, WHICH: gl.constexpr,
+    STEPS: gl.constexpr, TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, ELEMENT_BITS: gl.constexpr,
+    MEAN: gl.constexpr, MAX: gl.constexpr, D_CHUNKS: gl.constexpr,
 ):  # fmt: skip
     """Consumer ``WHICH``: key tiles WHICH, WHICH+2, ... of the program's rows;
-    the softmax as in the Triton kernel's ``_online_softmax_tile``."""
+    the softmax as in the Triton kernel's ``_online_softmax_tile``. With
+    ``MEAN`` and ``MAX`` the max's statistics go to ``second_scratch`` and
+    ``second_row_lse``; ``qk_scale`` is the mean's (the max's is S times it)."""
     QD: gl.constexpr = q_bufs.type.shape[0]
     ROWS: gl.constexpr = q_bufs.type.shape[1]
     KEYS: gl.constexpr = k_bufs.type.shape[1]
@@ -187,51 +238,41 @@ def _consumer_partition(
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KEYS, 256 // ELEMENT_BITS]
     )
-    # Block sums are stored from a row-per-thread layout: 8-16 contiguous floats each.
+    # Block sums are stored from a row-per-thread layout: 4-16 contiguous floats each.
     per_row: gl.constexpr = gl.BlockedLayout([1, K_BLOCKS], [32, 1], [4, 1], [1, 0])
     row_ids = gl.arange(0, ROWS, layout=gl.SliceLayout(1, per_row))
     t = t0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))  # running row max (log2 units)
     l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, per_row))  # running row sum of exp2(x - m_i)
-    n_k_blocks = gl.cdiv(n_k_tiles, TILES_PER_BLOCK)
+    m_2, l_2 = m_i, l_i  # the max's, with MEAN and MAX
+    OFFSETS: gl.constexpr = STEPS // D_CHUNKS  # S
+    first_scale = qk_scale if MEAN else qk_scale * OFFSETS
     if WHICH == 1:
         mbarrier.wait(start, 0, pred=n_tiles > 0)  # consumer 0 has tile 0 whenever there are tiles
     for pair in range(gl.cdiv(n_tiles, 2)):
         j = 2 * pair + WHICH
         if j < n_tiles:
-            acc = _consume_chunks(
-                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS, WHICH == 0, ELEMENT_BITS, MAX,
-                D_CHUNKS,
+            first, second = _consume_chunks(
+                q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, pair, STEPS, WHICH == 0, ELEMENT_BITS, MEAN,
+                MAX, D_CHUNKS,
             )
-            x = acc * qk_scale
-            if j >= unmasked_tiles:  # crosses the causal diagonal or the last key tile
-                u = k_first + j * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(0, mma))
-                visible = gl.expand_dims(u < n_k_tiles, 0)
-                if HAS_CAUSAL:
-                    visible = visible & (gl.expand_dims(u, 0) <= gl.expand_dims(t + diag_shift, 1))
-                x = gl.where(visible, x, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(x, axis=1))
-            m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-            probs = gl.exp2(x - gl.expand_dims(m_ref, 1))
-            block_sum = gl.sum(gl.reshape(probs, [ROWS, K_BLOCKS, TILES_PER_BLOCK]), axis=2)
-            block_sum = gl.convert_layout(block_sum, per_row)
-            alpha = gl.convert_layout(gl.exp2(m_i - m_ref), gl.SliceLayout(1, per_row))
-            l_i = l_i * alpha + gl.sum(block_sum, axis=1)
-            m_i = m_new
-            m_ref = gl.convert_layout(m_ref, gl.SliceLayout(1, per_row))
-            block_lse = gl.expand_dims(m_ref, 1) + _fast_log2(block_sum)
-            kb = k_first // TILES_PER_BLOCK + j * K_BLOCKS + gl.arange(0, K_BLOCKS, layout=gl.SliceLayout(0, per_row))
-            ptrs = scratch_rows + gl.expand_dims(row_ids, 1) * stride_sr + gl.expand_dims(kb, 0)
-            gl.store(ptrs, block_lse, mask=gl.expand_dims(kb < n_k_blocks, 0))
+            m_i, l_i = _tile_softmax(
+                first * first_scale, m_i, l_i, scratch_rows, stride_sr, row_ids, t, j, k_first, unmasked_tiles,
+                n_k_tiles, diag_shift, HAS_CAUSAL, TILES_PER_BLOCK, mma, per_row,
+            )
+            if MEAN and MAX:
+                m_2, l_2 = _tile_softmax(
+                    second * (qk_scale * OFFSETS), m_2, l_2, second_scratch, stride_sr, row_ids, t, j,
+                    k_first, unmasked_tiles, n_k_tiles, diag_shift, HAS_CAUSAL, TILES_PER_BLOCK, mma, per_row,
+                )
         else:  # consumer 1 past the last tile: release the Q chunks consumer 0 used
             for c in range(STEPS):
                 n = pair * STEPS + c
                 mbarrier.wait(q_ready.index(n % QD), (n // QD) & 1)
                 mbarrier.arrive(q_empty.index(n % QD))
-    # This consumer's part of each row's log2-sum-exp2; -inf: it saw no key.
-    m_i = gl.convert_layout(m_i, gl.SliceLayout(1, per_row))
-    part = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    gl.store(row_lse_part + row_ids, part)
+    _store_row_part(m_i, l_i, row_lse_part, row_ids, per_row)
+    if MEAN and MAX:
+        _store_row_part(m_2, l_2, second_row_lse, row_ids, per_row)
 
 
 @gluon.jit
@@ -239,16 +280,17 @@ def scores_kernel(
     q_desc, k_desc, scratch_ptr, row_lse_ptr, head_scale_ptr, stride_sh, stride_sr, stride_rh, stride_rp, num_heads,
     group_size, q_len, k_len, tile_start, diag_shift, qk_scale, STRIDE: gl.constexpr, HEAD_DIM: gl.constexpr,
     TILES_PER_BLOCK: gl.constexpr, HAS_CAUSAL: gl.constexpr, PAIRING: gl.constexpr, HAS_HEAD_SCALE: gl.constexpr,
-    MAX: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
+    MEAN: gl.constexpr, MAX: gl.constexpr, BLOCK_K: gl.constexpr, Q_DEPTH: gl.constexpr,
     K_DEPTH: gl.constexpr, ROWS: gl.constexpr, KEYS: gl.constexpr, KEY_RANGE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
 ):  # fmt: skip
     """One program: ``ROWS`` reduced query rows of one (batch, query head) by
     the key tiles of one ``KEY_RANGE``, up to the causal diagonal of its last row.
     ``HAS_HEAD_SCALE``: fp8 inputs, whose products are multiplied by
-    ``head_scale_ptr[b * num_heads + h]`` (``fp8.head_scales``). ``MAX``: the
-    reduced logit is the largest paired product, not the sum (``qk_scale`` is
-    the mean's, as in the Triton kernel)."""
+    ``head_scale_ptr[b * num_heads + h]`` (``fp8.head_scales``). ``MEAN``,
+    ``MAX``: the estimates, as in the Triton kernel (``qk_scale`` is the
+    mean's; with both, the max's statistics go to the heads
+    ``num_programs(2)`` past the mean's in scratch and row_lse)."""
     D_CHUNKS: gl.constexpr = HEAD_DIM // BLOCK_K
     STEPS: gl.constexpr = STRIDE * D_CHUNKS
     ELEMENT_BITS: gl.constexpr = q_desc.dtype.primitive_bitwidth
@@ -273,8 +315,6 @@ def scores_kernel(
         return
     if HAS_HEAD_SCALE:
         qk_scale = qk_scale * gl.load(head_scale_ptr + pid_bh)
-    if MAX:
-        qk_scale = qk_scale * STRIDE
 
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(
         swizzle_byte_width=q_desc.layout.swizzle_byte_width, element_bitwidth=ELEMENT_BITS, rank=2
@@ -301,19 +341,21 @@ def scores_kernel(
 
     scratch_rows = scratch_ptr + pid_bh.to(gl.int64) * stride_sh + (pid_m * ROWS).to(gl.int64) * stride_sr
     row_lse_part = row_lse_ptr + pid_bh.to(gl.int64) * stride_rh + 2 * pid_r * stride_rp + pid_m * ROWS
+    second_scratch = scratch_rows + gl.num_programs(2).to(gl.int64) * stride_sh
+    second_row_lse = row_lse_part + gl.num_programs(2).to(gl.int64) * stride_rh
     kv_head = h // group_size
     n_pairs = gl.cdiv(n_tiles, 2)
     unmasked_tiles = gl.maximum(unmasked_end - k_first, 0) // KEYS
     gl.warp_specialize(
         [
             (_consumer_partition, (q_bufs, q_ready, q_empty, k0_bufs, k0_ready, k0_empty, start, scratch_rows,
-                                   stride_sr, row_lse_part, t0, k_first, n_tiles, unmasked_tiles, n_k_tiles,
-                                   diag_shift, qk_scale, 0, STEPS, TILES_PER_BLOCK, HAS_CAUSAL, ELEMENT_BITS, MAX,
-                                   D_CHUNKS)),
+                                   second_scratch, stride_sr, row_lse_part, second_row_lse, t0, k_first, n_tiles,
+                                   unmasked_tiles, n_k_tiles, diag_shift, qk_scale, 0, STEPS, TILES_PER_BLOCK,
+                                   HAS_CAUSAL, ELEMENT_BITS, MEAN, MAX, D_CHUNKS)),
             (_consumer_partition, (q_bufs, q_ready, q_empty, k1_bufs, k1_ready, k1_empty, start, scratch_rows,
-                                   stride_sr, row_lse_part + stride_rp, t0, k_first, n_tiles, unmasked_tiles,
-                                   n_k_tiles, diag_shift, qk_scale, 1, STEPS, TILES_PER_BLOCK, HAS_CAUSAL,
-                                   ELEMENT_BITS, MAX, D_CHUNKS)),
+                                   second_scratch, stride_sr, row_lse_part + stride_rp, second_row_lse + stride_rp,
+                                   t0, k_first, n_tiles, unmasked_tiles, n_k_tiles, diag_shift, qk_scale, 1, STEPS,
+                                   TILES_PER_BLOCK, HAS_CAUSAL, ELEMENT_BITS, MEAN, MAX, D_CHUNKS)),
             # Q: the program's rows once per pair of key tiles; K: the even, the odd tiles.
             (_load_partition, (q_desc, q_bufs, q_ready, q_empty, b, h, t0, 0, n_pairs, PAIRING, STRIDE, HEAD_DIM,
                                ELEMENT_BITS)),
@@ -395,23 +437,22 @@ def launch(
     qk_scale: float,
     causal: bool,
     interleaved: bool,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     head_scale: torch.Tensor | None = None,
 ) -> None:
     """Scores reduced query rows ``[tile_start, tile_start + chunk)``: block
-    log2-sum-exp2s into ``scratch`` (B*Hq, rows, nK), each key range's two
-    consumers' row parts into ``row_lse`` (B*Hq, 2 * key_ranges(Lk, S), rows):
-    -inf for the ranges a row does not reach. ``reduction``: one of
-    ``REDUCTIONS``. fp8 ``q`` and ``k`` come with ``head_scale``
-    (``fp8.head_scales``)."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, but got reduction={reduction!r}")
+    log2-sum-exp2s into ``scratch`` (E*B*Hq, rows, nK), each key range's two
+    consumers' row parts into ``row_lse`` (E*B*Hq, 2 * key_ranges(Lk, S),
+    rows): -inf for the ranges a row does not reach; E estimates, the mean's
+    first, for ``reduction`` in ``reference.REDUCTIONS``. fp8 ``q`` and ``k``
+    come with ``head_scale`` (``fp8.head_scales``)."""
+    validate_reduction(reduction)
     if (q.dtype == torch.float8_e4m3fn) != (head_scale is not None):
         raise ValueError(f"head_scale must be given exactly for fp8 inputs, but got q.dtype={q.dtype} and "
                          f"head_scale={'None' if head_scale is None else 'a tensor'}")  # fmt: skip
     B, Hq, Lq, D = q.shape
     # Whole key blocks a tile: 128-key tiles where a block is longer than the max's.
-    keys = MAX_BLOCK_N if reduction == "max" and tiles_per_block <= MAX_BLOCK_N else BLOCK_N
+    keys = MAX_BLOCK_N if "max" in reduction and tiles_per_block <= MAX_BLOCK_N else BLOCK_N
     # Ranges past the chunk's last causal diagonal have no programs: their parts stay -inf.
     row_lse.fill_(float("-inf"))
     keys_reached = k.shape[2] if not causal else min(k.shape[2], (tile_start + chunk + diag_shift) * stride)
@@ -438,7 +479,8 @@ def launch(
         HAS_CAUSAL=causal,
         PAIRING=2 if interleaved else 1,
         HAS_HEAD_SCALE=head_scale is not None,
-        MAX=reduction == "max",
+        MEAN="mean" in reduction,
+        MAX="max" in reduction,
         ROWS=BLOCK_M,
         KEYS=keys,
         KEY_RANGE=KEY_RANGE,

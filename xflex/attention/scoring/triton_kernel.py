@@ -570,8 +570,8 @@ def antidiagonal_block_scores_triton(
             (``reference.paired_query_rows``).
         reduction: the reduced logit is the mean of the tile's S paired
             products or their max (``reference.Reduction``); ``"mean+max"``
-            computes both in one pass (the same loads and MMAs). The Gluon
-            kernel takes the mean or the max (``gluon_kernel.REDUCTIONS``).
+            computes both in one pass (the same loads and MMAs), on either
+            kernel.
         head_scale: with ``use_gluon`` only, for e4m3 q and k
             (``fp8.fp8_per_head``): per query head, the factor their products
             are multiplied by (``fp8.head_scales``).
@@ -603,9 +603,6 @@ def antidiagonal_block_scores_triton(
     validate_reduction(reduction)
     if use_gluon:
         from . import gluon_kernel
-
-        if reduction not in gluon_kernel.REDUCTIONS:
-            raise ValueError(f"the Gluon scorer takes reduction in {gluon_kernel.REDUCTIONS}, but got reduction={reduction!r}")
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
