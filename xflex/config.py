@@ -81,10 +81,10 @@ class Config:
             worst head row to 0.975 at tau 0.99 (mean: 0.849-0.887; 16K and
             64K) for +2% density, and keeps SmolLM2's 18 harness prompts'
             retrievals as dense, perplexity within 0.1%, for +9% density;
-            both estimates come from one Triton scorer pass, slower than
-            the Gluon mean alone: LLM-like 128K with FLASH 3.49x -> 2.71x
+            both estimates come from one scorer pass, slower than the
+            mean alone: LLM-like 128K with FLASH 3.49x -> 3.07x
             (bench/RESULTS.md, "Slash lines and the union of two
-            estimates", "The union in one scorer pass").
+            estimates", "The spiky family at 128K").
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"threshold"``); 1.0 keeps every visible block.
