@@ -125,14 +125,16 @@ def _consume_chunks(q_bufs, q_ready, q_empty, k_bufs, k_ready, k_empty, start, p
                     LEADER: gl.constexpr, ELEMENT_BITS: gl.constexpr, MEAN: gl.constexpr, MAX: gl.constexpr,
                     D_CHUNKS: gl.constexpr):  # fmt: skip
     """One tile's reduced GEMM: ``STEPS`` chunk MMAs, each chunk's buffers
-    freed as soon as its MMA is done. Two tiles, as the Triton kernel's
-    ``_reduced_logits``: with ``MEAN`` the sum of the S offsets' products
-    first, with ``MAX`` their largest (an offset is ``D_CHUNKS`` chunks)
-    second, or both when ``MEAN`` is off; one estimate alone is returned twice. The leader (consumer 0) lets consumer 1
+    freed as soon as its MMA is done. The leader (consumer 0) lets consumer 1
     start once it is Q_DEPTH - 2 chunks (at most the whole tile) into its first
     tile: before the Q ring, which consumer 1 has not freed yet, stops it.
     A consumer's tile of pair p is its p-th (only consumer 1's last may be
-    missing), so chunk n of the Q ring is also chunk n of its K ring."""
+    missing), so chunk n of the Q ring is also chunk n of its K ring.
+
+    Returns two tiles, as the Triton kernel's ``_reduced_logits``: with
+    ``MEAN`` the sum of the S offsets' products first, with ``MAX`` their
+    largest (an offset is ``D_CHUNKS`` chunks) second, or both when ``MEAN``
+    is off; one estimate alone is returned twice."""
     QD: gl.constexpr = q_bufs.type.shape[0]
     KD: gl.constexpr = k_bufs.type.shape[0]
     START_AFTER: gl.constexpr = min(QD - 3, STEPS - 1)

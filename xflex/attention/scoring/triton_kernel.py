@@ -601,8 +601,6 @@ def antidiagonal_block_scores_triton(
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, but got pairing={pairing!r}")
     validate_reduction(reduction)
-    if use_gluon:
-        from . import gluon_kernel
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     S, tiles = stride, block_size // stride
@@ -622,6 +620,8 @@ def antidiagonal_block_scores_triton(
     rows = min(rows, triton.cdiv(n_q_tiles, _MAX_BLOCK_M) * _MAX_BLOCK_M)
     scratch = torch.empty((len(estimates) * B * Hq, rows, n_k_blocks), dtype=torch.float32, device=q.device)
     if use_gluon:
+        from . import gluon_kernel
+
         # Same tile counts (ceil(L/S)) and key ranges as the unpadded lengths.
         q, k = gluon_kernel.whole_groups(q, S), gluon_kernel.whole_groups(k, S)
     # Row parts: the Gluon kernel's two consumers each see half of each key range.
