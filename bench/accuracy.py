@@ -29,6 +29,7 @@ import torch
 
 from bench import texts
 from bench.common import (
+    DEFAULT_MAX_ALONE_RATIO,
     DEFAULT_PRECISION,
     DEFAULT_REDUCTION,
     DEFAULT_RELATIVE_FLOOR,
@@ -56,6 +57,7 @@ class Setting:
     reduction: str = DEFAULT_REDUCTION
     slash_mass: float = DEFAULT_SLASH_MASS
     relative_floor: float = DEFAULT_RELATIVE_FLOOR
+    max_alone_ratio: float = DEFAULT_MAX_ALONE_RATIO
 
     @staticmethod
     def parse(text: str) -> Setting:
@@ -63,7 +65,7 @@ class Setting:
         from xflex.config import METHODS, SCORING_REDUCTIONS as REDUCTIONS
 
         error = argparse.ArgumentTypeError(
-            f"expected METHOD[+SCORER][+PRECISION][+vertical=X][+REDUCTION][+slash=X][+floor=X]:THRESHOLD with METHOD in {METHODS}, "
+            f"expected METHOD[+SCORER][+PRECISION][+vertical=X][+REDUCTION][+slash=X][+floor=X][+alone=X]:THRESHOLD with METHOD in {METHODS}, "
             f"SCORER in {PAIRINGS}, PRECISION in {PRECISIONS} and REDUCTION in {REDUCTIONS}, but got {text!r}"
         )
         name, _, threshold = text.partition(":")
@@ -82,6 +84,8 @@ class Setting:
                 field, value = "slash_mass", option.removeprefix("slash=")
             elif option.startswith("floor="):
                 field, value = "relative_floor", option.removeprefix("floor=")
+            elif option.startswith("alone="):
+                field, value = "max_alone_ratio", option.removeprefix("alone=")
             else:
                 raise error
             if field in fields:
@@ -89,7 +93,7 @@ class Setting:
             fields[field] = value
         try:
             fields["threshold"] = float(threshold)
-            for field in ("vertical_mass", "slash_mass", "relative_floor"):
+            for field in ("vertical_mass", "slash_mass", "relative_floor", "max_alone_ratio"):
                 if field in fields:
                     fields[field] = float(fields[field])
         except ValueError:
@@ -100,7 +104,7 @@ class Setting:
 
     @property
     def name(self) -> str:
-        return f"{setting_name(self.method, self.scorer, self.precision, self.vertical_mass, self.reduction, self.slash_mass, self.relative_floor)} {self.threshold:g}"
+        return f"{setting_name(self.method, self.scorer, self.precision, self.vertical_mass, self.reduction, self.slash_mass, self.relative_floor, self.max_alone_ratio)} {self.threshold:g}"
 
 
 @dataclasses.dataclass
@@ -133,7 +137,7 @@ def run_prompt(model, compiled, tokenizer, prompt, text, seed, settings, args) -
             compiled, tokenizer, prompt, new_tokens=args.new_tokens, dynamic_length=True,
             method=setting.method, threshold=setting.threshold, scorer=setting.scorer,
             scoring_precision=setting.precision, scoring_reduction=setting.reduction, vertical_mass=setting.vertical_mass, slash_mass=setting.slash_mass,
-            relative_floor=setting.relative_floor, stride=args.stride, backend=args.backend,
+            relative_floor=setting.relative_floor, max_alone_ratio=setting.max_alone_ratio, stride=args.stride, backend=args.backend,
             break_even=False,  # the selection's own accuracy, also where a GPU would run these lengths dense
         )  # fmt: skip
         density = result.stats.density

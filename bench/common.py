@@ -11,7 +11,7 @@ import torch
 from xflex.benchmark.timing import best_dense_sdpa, dense_sdpa, time_ms
 from xflex.config import Config
 
-__all__ = ["DEFAULT_PRECISION", "DEFAULT_REDUCTION", "DEFAULT_RELATIVE_FLOOR", "DEFAULT_SCORER", "DEFAULT_SLASH_MASS", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
+__all__ = ["DEFAULT_MAX_ALONE_RATIO", "DEFAULT_PRECISION", "DEFAULT_REDUCTION", "DEFAULT_RELATIVE_FLOOR", "DEFAULT_SCORER", "DEFAULT_SLASH_MASS", "DEFAULT_VERTICAL_MASS", "best_dense_sdpa", "dense_sdpa", "peak_extra_mib", "setting_name", "time_ms"]
 
 DEFAULT_SCORER = Config().scorer
 DEFAULT_PRECISION = Config().scoring_precision
@@ -19,6 +19,7 @@ DEFAULT_REDUCTION = Config().scoring_reduction
 DEFAULT_VERTICAL_MASS = Config().vertical_mass
 DEFAULT_SLASH_MASS = Config().slash_mass
 DEFAULT_RELATIVE_FLOOR = Config().relative_floor
+DEFAULT_MAX_ALONE_RATIO = Config().max_alone_ratio
 
 
 def setting_name(
@@ -29,13 +30,15 @@ def setting_name(
     reduction: str = DEFAULT_REDUCTION,
     slash_mass: float = DEFAULT_SLASH_MASS,
     relative_floor: float = DEFAULT_RELATIVE_FLOOR,
+    max_alone_ratio: float = DEFAULT_MAX_ALONE_RATIO,
 ) -> str:
     """A selection setting as the bench tables name it: the method, then
     ``+scorer``, ``+precision``, ``+vertical=X``, ``+reduction``,
-    ``+slash=X`` and ``+floor=X`` where they are not the defaults
-    (``"threshold+antidiagonal"``, ``"threshold+fp8"``,
+    ``+slash=X``, ``+floor=X`` and ``+alone=X`` where they are not the
+    defaults (``"threshold+antidiagonal"``, ``"threshold+fp8"``,
     ``"threshold+vertical=0"``, ``"threshold+max"``,
-    ``"threshold+slash=0.005"``, ``"threshold+floor=0.01"``)."""
+    ``"threshold+slash=0.005"``, ``"threshold+floor=0.01"``,
+    ``"threshold+mean+max+alone=2"``)."""
     defaults = (
         (scorer, DEFAULT_SCORER),
         (precision, DEFAULT_PRECISION),
@@ -43,6 +46,7 @@ def setting_name(
         (reduction, DEFAULT_REDUCTION),
         (f"slash={slash_mass:g}", f"slash={DEFAULT_SLASH_MASS:g}"),
         (f"floor={relative_floor:g}", f"floor={DEFAULT_RELATIVE_FLOOR:g}"),
+        (f"alone={max_alone_ratio:g}", f"alone={DEFAULT_MAX_ALONE_RATIO:g}"),
     )
     return "+".join([method] + [x for x, default in defaults if x != default])
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import xflex
 from bench import texts
-from bench.common import DEFAULT_PRECISION, DEFAULT_REDUCTION, DEFAULT_RELATIVE_FLOOR, DEFAULT_SCORER, DEFAULT_SLASH_MASS, DEFAULT_VERTICAL_MASS, setting_name
+from bench.common import DEFAULT_MAX_ALONE_RATIO, DEFAULT_PRECISION, DEFAULT_REDUCTION, DEFAULT_RELATIVE_FLOOR, DEFAULT_SCORER, DEFAULT_SLASH_MASS, DEFAULT_VERTICAL_MASS, setting_name
 from xflex.benchmark.inputs import FAMILIES, make_inputs
 from xflex import demo
 from xflex.attention import call_pattern, oracle_block_counts, sampled_block_mass
@@ -79,10 +79,11 @@ def measure(
     reductions: tuple[str, ...] = (DEFAULT_REDUCTION,),
     slash_masses: tuple[float, ...] = (DEFAULT_SLASH_MASS,),
     relative_floors: tuple[float, ...] = (DEFAULT_RELATIVE_FLOOR,),
+    max_alone_ratios: tuple[float, ...] = (DEFAULT_MAX_ALONE_RATIO,),
 ) -> list[Point]:
     """Every method and threshold of ``methods``, with each scorer, scoring
-    precision, vertical-line mass, scoring reduction, slash-line mass and
-    relative floor, on one call (named
+    precision, vertical-line mass, scoring reduction, slash-line mass,
+    relative floor and max-alone ratio, on one call (named
     by ``bench.common.setting_name``)."""
     config = xflex.Config(block_size=128, min_seq_len=0, stride=stride)
     n_q = math.ceil(q.shape[2] / config.block_size)
@@ -91,18 +92,20 @@ def measure(
     visible = call_pattern(q, k, None, causal, config.block_size).visibility.any[:, :, rows].float()
     n_visible = visible.sum(-1)
     points = []
-    grid = itertools.product(scorers, precisions, vertical_masses, reductions, slash_masses, relative_floors)
-    for scorer, precision, vertical_mass, reduction, slash_mass, relative_floor in grid:
+    grid = itertools.product(scorers, precisions, vertical_masses, reductions, slash_masses, relative_floors, max_alone_ratios)
+    for scorer, precision, vertical_mass, reduction, slash_mass, relative_floor, max_alone_ratio in grid:
+        if max_alone_ratio != DEFAULT_MAX_ALONE_RATIO and "+" not in reduction:
+            continue  # the ratio chooses between two estimates: one-estimate reductions ignore it
         # fp8: what the Gluon scorer multiplies, on every device (elsewhere the
         # option is ignored): q and k rounded here, the true mass kept unrounded.
         q_est, k_est = (q, k) if precision == "input" else (dequantize(*fp8_per_head(x), x.dtype) for x in (q, k))
         for method, thresholds in methods.items():
-            name = setting_name(method, scorer, precision, vertical_mass, reduction, slash_mass, relative_floor)
+            name = setting_name(method, scorer, precision, vertical_mass, reduction, slash_mass, relative_floor, max_alone_ratio)
             for threshold in thresholds:
                 run = dataclasses.replace(
                     config, method=method, threshold=threshold, scorer=scorer, scoring_precision=precision,
                     vertical_mass=vertical_mass, scoring_reduction=reduction, slash_mass=slash_mass,
-                    relative_floor=relative_floor,
+                    relative_floor=relative_floor, max_alone_ratio=max_alone_ratio,
                 )  # fmt: skip
                 selected = xflex.plan(q_est, k_est, is_causal=causal, config=run).selected[:, :, rows]
                 recall = (mass * selected).sum(-1)
@@ -235,6 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vertical-masses", type=float, nargs="+", default=[DEFAULT_VERTICAL_MASS], help="vertical_mass value(s) (0: off)")
     parser.add_argument("--slash-masses", type=float, nargs="+", default=[DEFAULT_SLASH_MASS], help="slash_mass value(s) (0: off)")
     parser.add_argument("--relative-floors", type=float, nargs="+", default=[DEFAULT_RELATIVE_FLOOR], help="relative_floor value(s) (0: off)")
+    parser.add_argument("--max-alone-ratios", type=float, nargs="+", default=[DEFAULT_MAX_ALONE_RATIO], help="max_alone_ratio value(s) under mean+max (0: the union everywhere)")
     parser.add_argument("--samples", type=int, default=16, help="evaluation query blocks per call")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot-dir", type=Path, default=None, help="one PNG per family / text here (needs matplotlib)")
@@ -246,6 +250,7 @@ def main(argv=None) -> int:
         vertical_masses=tuple(args.vertical_masses),
         slash_masses=tuple(args.slash_masses),
         relative_floors=tuple(args.relative_floors),
+        max_alone_ratios=tuple(args.max_alone_ratios),
         reductions=tuple(args.reductions),
     )
     device = torch.device(args.device)

@@ -239,3 +239,26 @@ def test_threshold_one_skips_the_probes_and_keeps_every_block():
     q, k, _ = _spiky()
     plan = xflex.plan(q, k, is_causal=True, config=xflex.Config(block_size=64, threshold=1.0, dense_row_blocks=0, method="adaptive"))
     assert torch.equal(plan.selected, plan.visible)
+
+
+@pytest.mark.parametrize("causal, ratio", [(True, 0.0), (True, 1.2), (False, 1.2)])
+def test_probe_density_of_two_estimates_is_their_union_or_the_max_per_head(causal, ratio):
+    """Under ``"mean+max"`` the forecast is the density the plan's rule gives
+    on the probe rows: per head the union of the two cuts, or with
+    ``max_alone_ratio`` the max's cut alone where, on those rows, the mean's
+    keeps more than ``ratio`` times as many blocks."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 1000, 32, generator=gen), torch.randn(1, 2, 1000, 32, generator=gen)
+    k[:, 1, torch.randint(0, 1000, (6,), generator=gen)] *= 5  # the second kv head's estimates disagree
+    base = dict(block_size=64, threshold=0.7, probe_blocks=3, dense_row_blocks=0, vertical_mass=0.0)
+    pattern = call_pattern(q, k, None, causal, 64)
+    rows = probe_query_blocks(16, 3, causal=causal)
+    cuts = {r: xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base, scoring_reduction=r)).selected[:, :, rows] for r in ("mean", "max")}
+    alone = cuts["mean"].sum((2, 3), keepdim=True) > ratio * cuts["max"].sum((2, 3), keepdim=True)
+    alone &= ratio > 0
+    want = torch.where(alone, cuts["max"], cuts["mean"] | cuts["max"])
+    visible = call_pattern(q, k, None, causal, 64).visibility.any[:, :, rows].expand_as(want)
+    config = xflex.Config(**base, scoring_reduction="mean+max", max_alone_ratio=ratio)
+    assert probe_density(q, k, pattern, config) == pytest.approx((want.sum() / visible.sum()).item(), abs=1e-6)
+    if ratio:
+        assert alone.any() and not alone.all(), "both branches of the rule should be taken here"

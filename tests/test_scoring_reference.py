@@ -168,6 +168,66 @@ def test_mean_plus_max_keeps_the_blocks_either_cut_keeps(batch, kv_heads, group,
     assert torch.equal(plans["mean+max"].selected, plans["mean"].selected | max_cut.selected)
 
 
+def _llm_and_spiky_heads(batch: int, kv_heads: int, group: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k whose even kv heads come from the ``llm`` input family and odd
+    ones from ``spiky`` (hot keys, slash lines: there the mean's cut keeps
+    ~1.8x the max's blocks at tau 0.95, on ``llm`` ~1.1x)."""
+    from xflex.benchmark.inputs import make_inputs
+
+    def head(family: str, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, _ = make_inputs(family, length, heads=group, kv_heads=1, head_dim=32, device="cpu", dtype=torch.float32, seed=seed + b)
+        return q, k
+
+    heads = [[head("spiky" if h % 2 else "llm", b) for h in range(kv_heads)] for b in range(batch)]
+    return tuple(torch.cat([torch.cat([h[i] for h in row], 1) for row in heads], 0) for i in (0, 1))  # type: ignore[return-value]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2]),
+    length=st.integers(500, 1100),  # ragged: not a multiple of the block or the stride
+    causal=st.booleans(),
+    vertical_mass=st.sampled_from([0.0, 0.01]),
+    ratio=st.sampled_from([1.0, 1.5, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_max_alone_heads_keep_the_max_plan_and_the_others_the_union(batch, kv_heads, group, length, causal, vertical_mass, ratio, seed):
+    """``max_alone_ratio``: per (batch, head), the max's whole plan (its
+    cut, lines and scores) where the mean's cut keeps more than ``ratio``
+    times the max's blocks, else the union's plan."""
+    import xflex
+
+    q, k = _llm_and_spiky_heads(batch, kv_heads, group, length, seed)
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=vertical_mass)
+
+    def plan(reduction: str, **options) -> "xflex.Plan":
+        return xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base, **options}, scoring_reduction=reduction))
+
+    got, union, alone_plan = plan("mean+max", max_alone_ratio=ratio), plan("mean+max"), plan("max")
+    cuts = {r: plan(r, vertical_mass=0.0).selected.sum((2, 3), keepdim=True) for r in ("mean", "max")}
+    alone = cuts["mean"] > ratio * cuts["max"]
+    assert torch.equal(got.selected, torch.where(alone, alone_plan.selected, union.selected))
+    assert torch.equal(got.scores, torch.where(alone, alone_plan.scores, union.scores))
+
+
+def test_max_alone_ratio_splits_spiky_heads_from_smooth_ones_and_is_validated():
+    import xflex
+
+    q, k = _llm_and_spiky_heads(1, 2, 1, 1024, seed=0)
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.95, scoring_reduction="mean+max")
+    union = xflex.plan(q, k, is_causal=True, config=xflex.Config(**base))
+    max_plan = xflex.plan(q, k, is_causal=True, config=xflex.Config(**{**base, "scoring_reduction": "max"}))
+    chosen = xflex.plan(q, k, is_causal=True, config=xflex.Config(**base, max_alone_ratio=1.5))
+    assert torch.equal(chosen.selected[:, 0], union.selected[:, 0]), "the llm head keeps the union"
+    assert torch.equal(chosen.selected[:, 1], max_plan.selected[:, 1]), "the spiky head keeps the max's plan"
+    assert chosen.selected[:, 1].sum() < union.selected[:, 1].sum()
+    for bad in (0.5, -1.0, True, "2", float("nan")):
+        with pytest.raises(ValueError, match="max_alone_ratio"):
+            xflex.Config(max_alone_ratio=bad)
+
+
 def test_mean_plus_max_adds_blocks_and_other_spellings_are_refused():
     import xflex
 

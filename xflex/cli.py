@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         "--relative-floor", type=float, default=defaults.relative_floor,
         help=f"also keep blocks scoring this fraction of their row's largest (default {defaults.relative_floor}; 0: off)",
     )
+    bench.add_argument(
+        "--max-alone-ratio", type=float, default=defaults.max_alone_ratio,
+        help=f"under mean+max, heads whose mean cut keeps this many times the max's blocks keep the max's alone (default {defaults.max_alone_ratio}; 0: off)",
+    )
     bench.add_argument("--stride", type=int, default=defaults.stride)
     bench.add_argument("--sharpness", type=float, default=None, help="scale every family's planted bonuses (default: each family's own)")
     bench.add_argument("--seed", type=int, default=0, help="draws the inputs (default 0)")
@@ -255,7 +259,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     direction = ", forward + backward" if args.backward else ""
     print(
         f"# {speed.describe_gpu()}; B=1, Hq={args.heads}, Hkv={args.kv_heads}, D=128, bf16, threshold {args.threshold}, "
-        f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision} {args.scoring_reduction}, vertical_mass {args.vertical_mass:g}, slash_mass {args.slash_mass:g}, relative_floor {args.relative_floor:g}{direction}{'' if args.break_even else ', no break-even'}"
+        f"S={args.stride}, scorer {args.scorer}, scoring {args.scoring_precision} {args.scoring_reduction}, vertical_mass {args.vertical_mass:g}, slash_mass {args.slash_mass:g}, relative_floor {args.relative_floor:g}, max_alone_ratio {args.max_alone_ratio:g}{direction}{'' if args.break_even else ', no break-even'}"
         f"{'' if args.sharpness is None else f', sharpness {args.sharpness:g}'}{'' if args.seed == 0 else f', seed {args.seed}'}",
         flush=True,
     )
@@ -263,7 +267,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     rows = speed.run(
         args.families, args.lengths, methods=args.methods, kernels=args.kernels, heads=args.heads, kv_heads=args.kv_heads,
         threshold=args.threshold, stride=args.stride, scorer=args.scorer, scoring_precision=args.scoring_precision,
-        scoring_reduction=args.scoring_reduction, vertical_mass=args.vertical_mass, slash_mass=args.slash_mass, relative_floor=args.relative_floor, sharpness=args.sharpness, seed=args.seed, break_even=args.break_even,
+        scoring_reduction=args.scoring_reduction, vertical_mass=args.vertical_mass, slash_mass=args.slash_mass, relative_floor=args.relative_floor, max_alone_ratio=args.max_alone_ratio, sharpness=args.sharpness, seed=args.seed, break_even=args.break_even,
         backward=args.backward, report=lambda row: print(speed.markdown_row(row), flush=True),
     )  # fmt: skip
     if args.out:

@@ -120,6 +120,12 @@ class Config:
             0.006 on needles, for +0.000-0.004 density
             (bench/RESULTS.md, "A floor relative to the row's largest
             block"); with the mean it is one more point on the tau curve.
+        max_alone_ratio: under ``scoring_reduction="mean+max"``, a head
+            whose mean cut keeps more than this many times the blocks of its
+            max cut keeps the max's selection alone (its lines and floor
+            from the max's scores) instead of the union: spiky heads, where
+            the mean's flat estimate keeps most blocks
+            (``xflex.attention.selection.estimates``). 0 turns it off.
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
@@ -172,6 +178,7 @@ class Config:
     vertical_mass: float = 0.005
     slash_mass: float = 0.0
     relative_floor: float = 0.0
+    max_alone_ratio: float = 0.0
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     text_tokens_by_call: tuple[tuple[str, int], ...] = ()
     stride: int = 8
@@ -359,6 +366,12 @@ def _validate_config(c: Config) -> None:
     _check(c.attention_kernel in ATTENTION_KERNELS, "attention_kernel", f"one of {ATTENTION_KERNELS}", c.attention_kernel)
     _check(isinstance(c.break_even, bool), "break_even", "a bool", c.break_even)
     _check(_is_int(c.probe_blocks) and c.probe_blocks >= 1, "probe_blocks", "an int >= 1", c.probe_blocks)
+    _check(
+        _is_real(c.max_alone_ratio) and (c.max_alone_ratio == 0 or c.max_alone_ratio >= 1),
+        "max_alone_ratio",
+        "0 (off) or a float >= 1",
+        c.max_alone_ratio,
+    )
     for name in ("vertical_mass", "slash_mass", "relative_floor"):
         value = getattr(c, name)
         _check(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, name, "a float in [0, 1) (0: off)", value)

@@ -53,6 +53,7 @@ def sparsity(
     vertical_mass: float | _Unset = UNSET,
     slash_mass: float | _Unset = UNSET,
     relative_floor: float | _Unset = UNSET,
+    max_alone_ratio: float | _Unset = UNSET,
     threshold_by_call: Mapping[str, float | Sequence[float]] | _Unset = UNSET,
     text_tokens_by_call: Mapping[str, int] | _Unset = UNSET,
     stride: int | _Unset = UNSET,
@@ -85,6 +86,8 @@ def sparsity(
         slash_mass: the same for block diagonals, kept in every row (0: off).
         relative_floor: also keep blocks whose estimated score reaches this
             fraction of their row's largest (0: off).
+        max_alone_ratio: under "mean+max", heads whose mean cut keeps more
+            than this many times the max's blocks keep the max's alone (0: off).
         threshold_by_call: ``{call-name pattern: threshold}`` (``fnmatch``).
         text_tokens_by_call: ``{call-name pattern: n}``: joint-attention calls
             whose first ``n`` (``n < 0``: last ``-n``) tokens are text, kept dense.
@@ -117,6 +120,7 @@ def sparsity(
         vertical_mass=vertical_mass,
         slash_mass=slash_mass,
         relative_floor=relative_floor,
+        max_alone_ratio=max_alone_ratio,
         threshold_by_call=threshold_by_call,
         text_tokens_by_call=text_tokens_by_call,
         stride=stride,

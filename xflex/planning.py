@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -39,6 +39,7 @@ from .attention.selection.probes import (
     probe_query_blocks,
     threshold_rule_on_probes,
 )
+from .attention.selection.estimates import max_alone_heads
 from .attention.selection.floor import relative_floor_blocks
 from .attention.selection.slash import slash_blocks
 from .attention.selection.vertical import vertical_blocks
@@ -421,6 +422,23 @@ def probe_calibration(
     return temperature.view(1, -1, 1, 1), thresholds[best // len(temperatures)].view(1, -1, 1, 1)
 
 
+def _combined_estimates(
+    estimates: torch.Tensor, config: Config, cut: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scoring_reduction="mean+max"``, from the ``(2, B, H, nQ, nK)``
+    estimates (mean first) and the threshold ``cut`` (scores to kept blocks):
+    the scores each head's cut and lines read (the max's on the heads
+    :func:`max_alone_heads` picks under ``config.max_alone_ratio``, else the
+    mean's), the max's scores, and the blocks the max's cut adds to the other
+    heads (the union)."""
+    mean, most = estimates[0], estimates[1]
+    max_kept = cut(most)
+    if config.max_alone_ratio == 0:
+        return mean, most, max_kept
+    alone = max_alone_heads(cut(mean), max_kept, config.max_alone_ratio)
+    return torch.where(alone, most, mean), most, max_kept & ~alone
+
+
 def probe_density(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -432,8 +450,9 @@ def probe_density(
 ) -> float:
     """The density (kept / visible blocks) of the threshold selection on
     ``config.probe_blocks`` probe query blocks (:func:`probe_query_blocks`):
-    a forecast of the whole call's density at a few rows' scoring cost.
-    The vertical lines (``config.vertical_mass``) are left out: they add few
+    a forecast of the whole call's density at a few rows' scoring cost
+    (under ``"mean+max"``, of the union or the max's cut as the plan chooses
+    per head). The vertical lines (``config.vertical_mass``) are left out: they add few
     blocks (bench/RESULTS.md, "Vertical lines"), and the exact pass over the
     probe rows that finds them would be paid again by the sparse call.
 
@@ -443,17 +462,22 @@ def probe_density(
         1.0
     """
     probes, visible, forced = _probe_rows(pattern, query.shape[2], key.shape[2], config, query.device)
-    scores = call_scores(query, key, pattern, config, scale, q_blocks=probes)
-    visible = visible.expand_as(scores)
-    blocks = select_kv_blocks(
-        scores,
-        visible=visible,
-        fully_visible=None,
-        forced=forced,
-        threshold=config.threshold_tensor(query.shape[1], query.device, call_name),
-        backend=config.backend,
-    )
-    return (blocks.selected.sum() / visible.sum().clamp_min(1)).item()
+    both = len(config.reductions) > 1
+    scores = call_scores(query, key, pattern, config, scale, q_blocks=probes, reduction=config.scoring_reduction if both else None)
+    visible = visible.expand_as(scores[0] if both else scores)
+    threshold = config.threshold_tensor(query.shape[1], query.device, call_name)
+
+    def cut(estimate: torch.Tensor) -> torch.Tensor:
+        return select_kv_blocks(
+            estimate, visible=visible, fully_visible=None, forced=forced, threshold=threshold, backend=config.backend
+        ).selected
+
+    if both:
+        scores, _, max_kept = _combined_estimates(scores, config, cut)
+        selected = cut(scores) | max_kept
+    else:
+        selected = cut(scores)
+    return (selected.sum() / visible.sum().clamp_min(1)).item()
 
 
 def plan(
@@ -509,12 +533,17 @@ def plan(
         scoring_query = query * temperature.to(query.dtype)
     both = len(config.reductions) > 1 and sparse  # "mean+max": both estimates from one scorer pass
     scores = call_scores(scoring_query, key, pattern, config, scale, reduction=config.scoring_reduction if both else None)
-    scores, others = (scores[0], scores[1:]) if both else (scores, ())
+    others, max_kept = (), None
+    if both:
+
+        def cut(estimate: torch.Tensor) -> torch.Tensor:
+            return call_selection(estimate, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold).selected
+
+        scores, most, max_kept = _combined_estimates(scores, config, cut)
+        others = (most,)
     lines = call_line_blocks(scores, mass, pattern, config) if finds_lines else None
-    for other in others:
-        # What the other estimate's cut keeps joins the lines.
-        kept = call_selection(other, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold).selected
-        lines = kept if lines is None else lines | kept
+    if max_kept is not None:
+        lines = max_kept if lines is None else lines | max_kept
     if config.relative_floor > 0 and sparse:
         for estimate in (scores, *others):
             floor = relative_floor_blocks(estimate, pattern.visibility.any, config.relative_floor)

@@ -78,6 +78,7 @@ def run(
     vertical_mass: float = Config.vertical_mass,
     slash_mass: float = Config.slash_mass,
     relative_floor: float = Config.relative_floor,
+    max_alone_ratio: float = Config.max_alone_ratio,
     sharpness: float | None = None,
     seed: int = 0,
     break_even: bool = True,
@@ -127,7 +128,7 @@ def run(
                     config = Config(
                         method=method, scorer=scorer, scoring_precision=scoring_precision,
                         scoring_reduction=scoring_reduction, threshold=threshold,
-                        vertical_mass=vertical_mass, slash_mass=slash_mass, relative_floor=relative_floor, stride=stride, attention_kernel=kernel, break_even=break_even,
+                        vertical_mass=vertical_mass, slash_mass=slash_mass, relative_floor=relative_floor, max_alone_ratio=max_alone_ratio, stride=stride, attention_kernel=kernel, break_even=break_even,
                     )  # fmt: skip
 
                     # Named, as the backend names a model's calls: the call site keeps a density history.
