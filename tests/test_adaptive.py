@@ -245,8 +245,8 @@ def test_threshold_one_skips_the_probes_and_keeps_every_block():
 def test_probe_density_of_two_estimates_is_their_union_or_the_max_per_head(causal, ratio):
     """Under ``"mean+max"`` the forecast is the density the plan's rule gives
     on the probe rows: per head the union of the two cuts, or with
-    ``max_alone_ratio`` the max's cut alone where, on those rows, the mean's
-    keeps more than ``ratio`` times as many blocks."""
+    ``max_alone_ratio`` the max's cut at ``1 - (1 - tau) / 10`` alone where,
+    on those rows, the mean's keeps more than ``ratio`` times as many blocks."""
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 4, 1000, 32, generator=gen), torch.randn(1, 2, 1000, 32, generator=gen)
     k[:, 1, torch.randint(0, 1000, (6,), generator=gen)] *= 5  # the second kv head's estimates disagree
@@ -256,7 +256,8 @@ def test_probe_density_of_two_estimates_is_their_union_or_the_max_per_head(causa
     cuts = {r: xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base, scoring_reduction=r)).selected[:, :, rows] for r in ("mean", "max")}
     alone = cuts["mean"].sum((2, 3), keepdim=True) > ratio * cuts["max"].sum((2, 3), keepdim=True)
     alone &= ratio > 0
-    want = torch.where(alone, cuts["max"], cuts["mean"] | cuts["max"])
+    strict = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base, "threshold": 0.97}, scoring_reduction="max")).selected[:, :, rows]
+    want = torch.where(alone, strict, cuts["mean"] | cuts["max"])
     visible = call_pattern(q, k, None, causal, 64).visibility.any[:, :, rows].expand_as(want)
     config = xflex.Config(**base, scoring_reduction="mean+max", max_alone_ratio=ratio)
     assert probe_density(q, k, pattern, config) == pytest.approx((want.sum() / visible.sum()).item(), abs=1e-6)

@@ -39,7 +39,7 @@ from .attention.selection.probes import (
     probe_query_blocks,
     threshold_rule_on_probes,
 )
-from .attention.selection.estimates import max_alone_heads
+from .attention.selection.estimates import max_alone_heads, max_alone_threshold
 from .attention.selection.floor import relative_floor_blocks
 from .attention.selection.slash import slash_blocks
 from .attention.selection.vertical import vertical_blocks
@@ -423,20 +423,26 @@ def probe_calibration(
 
 
 def _combined_estimates(
-    estimates: torch.Tensor, config: Config, cut: Callable[[torch.Tensor], torch.Tensor]
+    estimates: torch.Tensor,
+    config: Config,
+    threshold: torch.Tensor,
+    cut: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``scoring_reduction="mean+max"``, from the ``(2, B, H, nQ, nK)``
-    estimates (mean first) and the threshold ``cut`` (scores to kept blocks):
-    the scores each head's cut and lines read (the max's on the heads
-    :func:`max_alone_heads` picks under ``config.max_alone_ratio``, else the
-    mean's), the max's scores, and the blocks the max's cut adds to the other
-    heads (the union)."""
+    estimates (mean first), the per-head ``threshold`` and the threshold
+    ``cut`` (scores, threshold to kept blocks): the scores each head's cut
+    and lines read (the max's on the heads :func:`max_alone_heads` picks
+    under ``config.max_alone_ratio``, else the mean's), the max's scores,
+    and the blocks the max's cut adds: on the other heads its cut at
+    ``threshold`` (the union), on those heads its cut at
+    :func:`max_alone_threshold`."""
     mean, most = estimates[0], estimates[1]
-    max_kept = cut(most)
+    max_kept = cut(most, threshold)
     if config.max_alone_ratio == 0:
         return mean, most, max_kept
-    alone = max_alone_heads(cut(mean), max_kept, config.max_alone_ratio)
-    return torch.where(alone, most, mean), most, max_kept & ~alone
+    alone = max_alone_heads(cut(mean, threshold), max_kept, config.max_alone_ratio)
+    strict = cut(most, max_alone_threshold(threshold))
+    return torch.where(alone, most, mean), most, torch.where(alone, strict, max_kept)
 
 
 def probe_density(
@@ -467,16 +473,16 @@ def probe_density(
     visible = visible.expand_as(scores[0] if both else scores)
     threshold = config.threshold_tensor(query.shape[1], query.device, call_name)
 
-    def cut(estimate: torch.Tensor) -> torch.Tensor:
+    def cut(estimate: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         return select_kv_blocks(
-            estimate, visible=visible, fully_visible=None, forced=forced, threshold=threshold, backend=config.backend
+            estimate, visible=visible, fully_visible=None, forced=forced, threshold=tau, backend=config.backend
         ).selected
 
     if both:
-        scores, _, max_kept = _combined_estimates(scores, config, cut)
-        selected = cut(scores) | max_kept
+        scores, _, max_kept = _combined_estimates(scores, config, threshold, cut)
+        selected = cut(scores, threshold) | max_kept
     else:
-        selected = cut(scores)
+        selected = cut(scores, threshold)
     return (selected.sum() / visible.sum().clamp_min(1)).item()
 
 
@@ -536,10 +542,10 @@ def plan(
     others, max_kept = (), None
     if both:
 
-        def cut(estimate: torch.Tensor) -> torch.Tensor:
-            return call_selection(estimate, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold).selected
+        def cut(estimate: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+            return call_selection(estimate, pattern, query.shape[2], key.shape[2], config, call_name, threshold=tau).selected
 
-        scores, most, max_kept = _combined_estimates(scores, config, cut)
+        scores, most, max_kept = _combined_estimates(scores, config, threshold, cut)
         others = (most,)
     lines = call_line_blocks(scores, mass, pattern, config) if finds_lines else None
     if max_kept is not None:
