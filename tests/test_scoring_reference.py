@@ -136,7 +136,7 @@ def test_reduction_option_reaches_the_scorer(monkeypatch):
     with xflex.sparsity(scoring_reduction="max"):
         xflex.sparse_sdpa(x, x, x, is_causal=True, config=config)
     xflex.sparse_sdpa(x, x, x, is_causal=True, config=config)
-    assert seen == ["max", "mean"]
+    assert seen == ["max", "mean+max"]
 
 
 @settings(max_examples=10, deadline=None)
@@ -158,7 +158,7 @@ def test_mean_plus_max_keeps_the_blocks_either_cut_keeps(batch, kv_heads, group,
     q = torch.randn(batch, kv_heads * group, length, 32, generator=gen)
     k = torch.randn(batch, kv_heads, length, 32, generator=gen)
     k[:, :, torch.randint(0, length, (4,), generator=gen)] *= 4  # large-norm keys: the two estimates differ
-    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=vertical_mass)
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=vertical_mass, max_alone_ratio=0.0)
     plans = {
         reduction: xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base, scoring_reduction=reduction))
         for reduction in ("mean", "mean+max")
@@ -206,7 +206,7 @@ def test_max_alone_heads_keep_the_max_plan_and_the_others_the_union(batch, kv_he
     def plan(reduction: str, **options) -> "xflex.Plan":
         return xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base, **options}, scoring_reduction=reduction))
 
-    got, union, alone_plan = plan("mean+max", max_alone_ratio=ratio), plan("mean+max"), plan("max", threshold=0.98)
+    got, union, alone_plan = plan("mean+max", max_alone_ratio=ratio), plan("mean+max", max_alone_ratio=0.0), plan("max", threshold=0.98)
     cuts = {r: plan(r, vertical_mass=0.0).selected.sum((2, 3), keepdim=True) for r in ("mean", "max")}
     alone = cuts["mean"] > ratio * cuts["max"]
     assert torch.equal(got.selected, torch.where(alone, alone_plan.selected, union.selected))
@@ -218,7 +218,7 @@ def test_max_alone_ratio_splits_spiky_heads_from_smooth_ones_and_is_validated():
 
     q, k = _llm_and_spiky_heads(1, 2, 1, 1024, seed=0)
     base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.95, scoring_reduction="mean+max")
-    union = xflex.plan(q, k, is_causal=True, config=xflex.Config(**base))
+    union = xflex.plan(q, k, is_causal=True, config=xflex.Config(**base, max_alone_ratio=0.0))
     max_plan = xflex.plan(q, k, is_causal=True, config=xflex.Config(**{**base, "scoring_reduction": "max", "threshold": 0.995}))
     chosen = xflex.plan(q, k, is_causal=True, config=xflex.Config(**base, max_alone_ratio=1.5))
     assert torch.equal(chosen.selected[:, 0], union.selected[:, 0]), "the llm head keeps the union"
@@ -236,7 +236,7 @@ def test_mean_plus_max_adds_blocks_and_other_spellings_are_refused():
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 1024, 32, generator=gen), torch.randn(1, 2, 1024, 32, generator=gen)
     k[:, :, torch.randint(0, 1024, (4,), generator=gen)] *= 4
-    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8)
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, max_alone_ratio=0.0)
     kept = {r: xflex.plan(q, k, is_causal=True, config=xflex.Config(**base, scoring_reduction=r)).selected.sum() for r in ("mean", "mean+max")}
     assert kept["mean+max"] > kept["mean"]
     for bad in ("max+mean", "mean,max", "sum"):

@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .attention import SdpaArgs, sample_query_blocks, sampled_block_mass, select_blocks
+from .attention import SdpaArgs, sample_query_blocks, sampled_block_mass
 from .config import Config
-from .planning import Plan, call_forced_blocks, call_scores, call_text_blocks
+from .planning import Plan, call_scores, probe_mass, select_from_estimates
 
 __all__ = ["Calibration", "active_calibrations", "calibration"]
 
@@ -44,7 +44,8 @@ class Calibration:
         samples: query blocks per call whose exact attention is computed.
         recalls: per call name, one ``(len(thresholds), Hq)`` device tensor per
             call made (mean over batch and sampled query blocks).
-        scorer: the scorer the calls were measured with (the thresholds hold for it).
+        scorer, scoring_reduction: the scorer and reduction the calls were
+            measured with (the thresholds hold for them).
         seconds: wall time spent inside the ``calibration()`` block.
     """
 
@@ -53,6 +54,7 @@ class Calibration:
     samples: int
     recalls: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     scorer: str | None = None
+    scoring_reduction: str | None = None
     seconds: float = 0.0
 
     def recall_by_call(self) -> dict[str, dict[float, float]]:
@@ -85,41 +87,49 @@ class Calibration:
     def options(self) -> dict[str, object]:
         """Settings for ``xflex.sparsity(**cal.options)`` or ``torch.compile(...,
         options=cal.options)``: the threshold method with the calibrated
-        thresholds and the scorer they were measured with."""
-        return {"method": "threshold", "scorer": self.scorer or Config().scorer, "threshold_by_call": self.threshold_by_call}
+        thresholds and the scorer and reduction they were measured with."""
+        return {
+            "method": "threshold",
+            "scorer": self.scorer or Config().scorer,
+            "scoring_reduction": self.scoring_reduction or Config().scoring_reduction,
+            "threshold_by_call": self.threshold_by_call,
+        }
 
     def measure(self, call_name: str, args: SdpaArgs, plan: Plan, config: Config) -> None:
         """Record one sparse call: the true attention mass inside the blocks the
         threshold selection keeps at each candidate threshold, per head, on
         sampled query blocks."""
-        if self.scorer not in (None, config.scorer):
-            raise ValueError(
-                f"calibration() measured calls with scorer={self.scorer!r} and now scorer={config.scorer!r}: "
-                "its thresholds hold for one scorer; calibrate each scorer in a block of its own"
-            )
-        self.scorer = config.scorer
+        for name, seen in (("scorer", self.scorer), ("scoring_reduction", self.scoring_reduction)):
+            if seen not in (None, getattr(config, name)):
+                raise ValueError(
+                    f"calibration() measured calls with {name}={seen!r} and now {name}={getattr(config, name)!r}: "
+                    f"its thresholds hold for one {name}; calibrate each in a block of its own"
+                )
+        self.scorer, self.scoring_reduction = config.scorer, config.scoring_reduction
         pattern = plan.pattern
-        # The adaptive method scores at its own temperatures: measure the plain estimate.
-        scores = plan.scores if config.method == "threshold" else call_scores(args.query, args.key, pattern, config, args.scale)
-        q_blocks = sample_query_blocks(scores.shape[2], self.samples)
+        # The adaptive method scores at its own temperatures: measure the plain
+        # estimate, and replay the whole selection rule at each tau (under
+        # "mean+max" which estimate each head keeps depends on tau).
+        estimates = call_scores(args.query, args.key, pattern, config, args.scale, reduction=config.scoring_reduction)
+        lines_mass = None
+        if config.vertical_mass > 0 or config.slash_mass > 0:
+            lines_mass = probe_mass(args.query, args.key, args.attn_mask, args.is_causal, args.scale, pattern, config)
+        q_blocks = sample_query_blocks(estimates.shape[-2], self.samples)
         mass = sampled_block_mass(
             args.query, args.key, args.attn_mask, args.is_causal, args.scale, config.block_size, q_blocks
         )
         sees = (mass.sum(-1) > 0).float()  # (B, H, P): rows that see no key do not count
-        forced = call_forced_blocks(pattern, args.q_len, args.kv_len, config, scores.device)
-        sampled = dict(visible=pattern.visibility.any[:, :, q_blocks], forced=forced[:, :, q_blocks])
-        text = call_text_blocks(args.q_len, args.kv_len, config, scores.device, call_name)
-        text = False if text is None else text[:, :, q_blocks]  # joint calls keep these too
-        if plan.lines is not None:  # and every row keeps its vertical and slash lines
-            lines = plan.lines.expand(-1, -1, scores.shape[2], -1)
-            text = text | lines[:, :, q_blocks]
-        recalls = torch.stack(
-            [
-                ((mass * (select_blocks(scores[:, :, q_blocks], threshold=tau, **sampled) | text)).sum(-1) * sees).sum((0, 2))
-                / sees.sum((0, 2)).clamp_min(1)
-                for tau in self.thresholds
-            ]
-        )
+        heads = args.query.shape[1]
+
+        def recall(tau: float) -> torch.Tensor:
+            threshold = torch.full((1, heads, 1, 1), tau, device=estimates.device)
+            _, blocks, _ = select_from_estimates(
+                estimates, lines_mass, pattern, args.q_len, args.kv_len, config, call_name, threshold=threshold
+            )
+            kept = (mass * blocks.selected[:, :, q_blocks]).sum(-1)
+            return (kept * sees).sum((0, 2)) / sees.sum((0, 2)).clamp_min(1)
+
+        recalls = torch.stack([recall(tau) for tau in self.thresholds])
         self.recalls.setdefault(call_name, []).append(recalls)
 
 

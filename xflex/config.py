@@ -172,13 +172,13 @@ class Config:
     method: Method = "threshold"
     scorer: Pairing = "interleaved"
     scoring_precision: Precision = "input"
-    scoring_reduction: ScoringReduction = "mean"
+    scoring_reduction: ScoringReduction = "mean+max"
     threshold: Threshold = 0.99
     probe_blocks: int = 4
     vertical_mass: float = 0.005
     slash_mass: float = 0.0
     relative_floor: float = 0.0
-    max_alone_ratio: float = 0.0
+    max_alone_ratio: float = 2.0
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
     text_tokens_by_call: tuple[tuple[str, int], ...] = ()
     stride: int = 8

@@ -57,6 +57,7 @@ __all__ = [
     "probe_calibration",
     "probe_density",
     "probe_mass",
+    "select_from_estimates",
 ]
 
 
@@ -422,6 +423,57 @@ def probe_calibration(
     return temperature.view(1, -1, 1, 1), thresholds[best // len(temperatures)].view(1, -1, 1, 1)
 
 
+def select_from_estimates(
+    estimates: torch.Tensor,
+    mass: torch.Tensor | None,
+    pattern: CallPattern,
+    q_len: int,
+    kv_len: int,
+    config: Config,
+    call_name: str = "",
+    *,
+    threshold: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KVBlocks, torch.Tensor | None]:
+    """Stage 2 from the scorer's output: under ``"mean+max"`` each head's
+    estimate (:func:`max_alone_heads`) and the union, the vertical and slash
+    lines, the relative floor, then :func:`call_selection`.
+
+    Args:
+        estimates: :func:`call_scores`' ``(B, H, nQ, nK)``, or ``(2, B, H,
+            nQ, nK)`` under ``"mean+max"``.
+        mass: the probe rows' :func:`probe_mass` (None: no lines).
+        pattern, q_len, kv_len, config, call_name: the call.
+        threshold: ``(1, H, 1, 1)`` per-head thresholds (None: the config's for the call).
+
+    Returns:
+        ``(scores, blocks, lines)``: the scores each head's cut read, the
+        selection, and what was added to the cut (:attr:`Plan.lines`).
+
+    Example:
+        >>> scores, blocks, lines = select_from_estimates(call_scores(q, k, pattern, config), None, pattern, 4096, 4096, config)   # doctest: +SKIP
+    """
+    if threshold is None:
+        threshold = config.threshold_tensor(estimates.shape[-3], estimates.device, call_name)
+    scores, others, max_kept = estimates, (), None
+    if estimates.dim() == 5:
+
+        def cut(estimate: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+            return call_selection(estimate, pattern, q_len, kv_len, config, call_name, threshold=tau).selected
+
+        scores, most, max_kept = _combined_estimates(estimates, config, threshold, cut)
+        others = (most,)
+    finds_lines = mass is not None and (config.vertical_mass > 0 or config.slash_mass > 0)
+    lines = call_line_blocks(scores, mass, pattern, config) if finds_lines else None
+    if max_kept is not None:
+        lines = max_kept if lines is None else lines | max_kept
+    if config.relative_floor > 0:
+        for estimate in (scores, *others):
+            floor = relative_floor_blocks(estimate, pattern.visibility.any, config.relative_floor)
+            lines = floor if lines is None else lines | floor
+    blocks = call_selection(scores, pattern, q_len, kv_len, config, call_name, threshold=threshold, lines=lines)
+    return scores, blocks, lines
+
+
 def _combined_estimates(
     estimates: torch.Tensor,
     config: Config,
@@ -538,23 +590,11 @@ def plan(
         # Temperatures are powers of two: exact in any float dtype.
         scoring_query = query * temperature.to(query.dtype)
     both = len(config.reductions) > 1 and sparse  # "mean+max": both estimates from one scorer pass
-    scores = call_scores(scoring_query, key, pattern, config, scale, reduction=config.scoring_reduction if both else None)
-    others, max_kept = (), None
-    if both:
-
-        def cut(estimate: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-            return call_selection(estimate, pattern, query.shape[2], key.shape[2], config, call_name, threshold=tau).selected
-
-        scores, most, max_kept = _combined_estimates(scores, config, threshold, cut)
-        others = (most,)
-    lines = call_line_blocks(scores, mass, pattern, config) if finds_lines else None
-    if max_kept is not None:
-        lines = max_kept if lines is None else lines | max_kept
-    if config.relative_floor > 0 and sparse:
-        for estimate in (scores, *others):
-            floor = relative_floor_blocks(estimate, pattern.visibility.any, config.relative_floor)
-            lines = floor if lines is None else lines | floor
-    blocks = call_selection(scores, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold, lines=lines)
+    estimates = call_scores(scoring_query, key, pattern, config, scale, reduction=config.scoring_reduction if both else None)
+    lines_mass = mass if finds_lines else None
+    scores, blocks, lines = select_from_estimates(
+        estimates, lines_mass, pattern, query.shape[2], key.shape[2], config, call_name, threshold=threshold
+    )
     kernel = attention_kernel(
         config.attention_kernel,
         query,
