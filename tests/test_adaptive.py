@@ -153,8 +153,8 @@ def test_scoring_at_several_temperatures_at_once_equals_scoring_each(mask, block
 def test_probe_density_is_the_selection_density_on_the_probe_rows(causal, heads, kv_heads, threshold):
     gen = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, heads, 1000, 32, generator=gen), torch.randn(1, kv_heads, 1000, 32, generator=gen)
-    # The forecast leaves out the vertical lines (probe_density's docstring): compare without them.
-    config = xflex.Config(block_size=64, threshold=threshold, probe_blocks=3, dense_row_blocks=0, vertical_mass=0.0)
+    # The forecast leaves out the vertical and slash lines (probe_density's docstring): compare without them.
+    config = xflex.Config(block_size=64, threshold=threshold, probe_blocks=3, dense_row_blocks=0, vertical_mass=0.0, slash_mass=0.0)
     pattern = call_pattern(q, k, None, causal, 64)
     full = xflex.plan(q, k, is_causal=causal, config=config)
     rows = probe_query_blocks(16, 3, causal=causal)
@@ -250,7 +250,7 @@ def test_probe_density_of_two_estimates_is_their_union_or_the_max_per_head(causa
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 4, 1000, 32, generator=gen), torch.randn(1, 2, 1000, 32, generator=gen)
     k[:, 1, torch.randint(0, 1000, (6,), generator=gen)] *= 5  # the second kv head's estimates disagree
-    base = dict(block_size=64, threshold=0.7, probe_blocks=3, dense_row_blocks=0, vertical_mass=0.0)
+    base = dict(block_size=64, threshold=0.7, probe_blocks=3, dense_row_blocks=0, vertical_mass=0.0, slash_mass=0.0)
     pattern = call_pattern(q, k, None, causal, 64)
     rows = probe_query_blocks(16, 3, causal=causal)
     cuts = {r: xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base, scoring_reduction=r)).selected[:, :, rows] for r in ("mean", "max")}

@@ -111,7 +111,7 @@ def test_plan_adds_whole_columns_found_on_exact_probe_rows(batch, kv_heads, grou
     q, k, _ = _hot_keys(length, kv_heads * group, kv_heads, seed)
     q, k = q.expand(batch, -1, -1, -1).contiguous(), k.expand(batch, -1, -1, -1).contiguous()
     q[-1] += 0.1 * torch.randn(q.shape[1:], generator=torch.Generator().manual_seed(seed))  # batch rows differ
-    base = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, vertical_mass=0.0, scoring_reduction="mean")
+    base = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, vertical_mass=0.0, slash_mass=0.0, scoring_reduction="mean")
     plain = xflex.plan(q, k, is_causal=causal, config=base)
     plan = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base.__dict__, "vertical_mass": 0.01}))
     assert plain.lines is None and torch.equal(plan.scores, plain.scores)
@@ -124,7 +124,7 @@ def test_plan_adds_whole_columns_found_on_exact_probe_rows(batch, kv_heads, grou
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_vertical_lines_recover_hot_keys_on_rows_the_probes_never_saw(causal):
-    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, scoring_reduction="mean")
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, scoring_reduction="mean", slash_mass=0.0)
     configs = {m: xflex.Config(**base, vertical_mass=m) for m in (0.0, 0.005)}
     (plain, plain_density), (lines, density) = _recall_on_unprobed_rows(
         lambda seed: _hot_keys(2048, 4, 4, seed)[:2], list(range(2, 26, 3)), causal, configs
@@ -138,7 +138,7 @@ def test_vertical_lines_recover_hot_keys_on_rows_the_probes_never_saw(causal):
 @pytest.mark.parametrize(
     "option, make_qk, extra",
     [
-        ("vertical_mass", lambda: _hot_keys(1024, 2, 2, seed=1), {"scoring_reduction": "mean"}),
+        ("vertical_mass", lambda: _hot_keys(1024, 2, 2, seed=1), {"scoring_reduction": "mean", "slash_mass": 0.0}),
         ("slash_mass", lambda: _slashes(2048, 4, seed=0, offset=196), {"scoring_reduction": "max"}),
     ],
 )
@@ -235,7 +235,7 @@ def test_plan_adds_whole_diagonals_found_on_exact_probe_rows(batch, heads, lengt
     q, k, _ = _slashes(length, heads, seed, offset=196)
     q, k = q.expand(batch, -1, -1, -1).contiguous(), k.expand(batch, -1, -1, -1).contiguous()
     q[-1] += 0.1 * torch.randn(q.shape[1:], generator=torch.Generator().manual_seed(seed))  # batch rows differ
-    base = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, vertical_mass=0.01, scoring_reduction=reduction)
+    base = xflex.Config(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.9, vertical_mass=0.01, slash_mass=0.0, scoring_reduction=reduction)
     plain = xflex.plan(q, k, is_causal=causal, config=base)
     plan = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base.__dict__, "slash_mass": 0.01}))
     assert torch.equal(plan.scores, plain.scores)
@@ -247,7 +247,7 @@ def test_plan_adds_whole_diagonals_found_on_exact_probe_rows(batch, heads, lengt
     # Slash lines first; the vertical rule leaves the probe rows' slash blocks out.
     vertical = vertical_blocks(*args, min_mass=0.01, slash=slash[:, :, probes])
     assert torch.equal(plan.lines, slash | vertical)
-    cut = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base.__dict__, "vertical_mass": 0.0}))  # no lines
+    cut = xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base.__dict__, "vertical_mass": 0.0, "slash_mass": 0.0}))  # no lines
     assert torch.equal(plan.selected, cut.selected | (plan.lines & plan.visible))
 
 

@@ -158,7 +158,7 @@ def test_mean_plus_max_keeps_the_blocks_either_cut_keeps(batch, kv_heads, group,
     q = torch.randn(batch, kv_heads * group, length, 32, generator=gen)
     k = torch.randn(batch, kv_heads, length, 32, generator=gen)
     k[:, :, torch.randint(0, length, (4,), generator=gen)] *= 4  # large-norm keys: the two estimates differ
-    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=vertical_mass, max_alone_ratio=0.0)
+    base = dict(block_size=64, min_seq_len=0, dense_row_blocks=0, threshold=0.8, vertical_mass=vertical_mass, slash_mass=0.0, max_alone_ratio=0.0)
     plans = {
         reduction: xflex.plan(q, k, is_causal=causal, config=xflex.Config(**base, scoring_reduction=reduction))
         for reduction in ("mean", "mean+max")
@@ -207,7 +207,7 @@ def test_max_alone_heads_keep_the_max_plan_and_the_others_the_union(batch, kv_he
         return xflex.plan(q, k, is_causal=causal, config=xflex.Config(**{**base, **options}, scoring_reduction=reduction))
 
     got, union, alone_plan = plan("mean+max", max_alone_ratio=ratio), plan("mean+max", max_alone_ratio=0.0), plan("max", threshold=0.98)
-    cuts = {r: plan(r, vertical_mass=0.0).selected.sum((2, 3), keepdim=True) for r in ("mean", "max")}
+    cuts = {r: plan(r, vertical_mass=0.0, slash_mass=0.0).selected.sum((2, 3), keepdim=True) for r in ("mean", "max")}
     alone = cuts["mean"] > ratio * cuts["max"]
     assert torch.equal(got.selected, torch.where(alone, alone_plan.selected, union.selected))
     assert torch.equal(got.scores, torch.where(alone, alone_plan.scores, union.scores))

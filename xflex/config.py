@@ -61,30 +61,23 @@ class Config:
             same recall on every family measured; other scorers ignore it
             (bench/RESULTS.md, "FP8 scoring").
         scoring_reduction: how each tile's S paired products become one
-            logit of the estimate: ``"mean"`` (XAttention's) or ``"max"``.
-            The mean's exponential underrates tiles whose products vary
-            (needles, hot keys, sharp neighbourhoods); the max lifts SmolLM2's
-            worst head rows to 0.93-0.94 (mean: 0.71-0.84) with fewer blocks
-            and keeps sharp video-like attention at density 0.009 (mean:
-            0.33) for recall 0.99, but misses slash lines at offsets the
-            pairing never crosses (spiky family: recall 0.90, worst row
-            0.71, where the mean's flat estimate keeps nearly every block),
-            and lost 2 of SmolLM2's 18 harness retrievals that the mean keeps.
-            On the Gluon scorer the max costs 1.22x the mean (bench/RESULTS.md,
-            "The max reduction", "The spiky family at 128K"). With
-            ``slash_mass=0.005``, ``relative_floor=0.01`` and tau 0.999 it
+            logit of the estimate: ``"mean"`` (XAttention's), ``"max"``, or
+            ``"mean+max"`` (the default): both from one scorer pass, and per
+            head the union of their cuts, or the max's selection alone where
+            the mean over-selects (``max_alone_ratio``). The mean's
+            exponential underrates tiles whose products vary (needles, hot
+            keys, sharp neighbourhoods) and is nearly flat on spiky heads;
+            the max alone lost 2 of SmolLM2's 18 harness retrievals that the
+            mean keeps. The default keeps SmolLM2's 18 harness and 24
+            held-out prompts' retrievals as dense, perplexity within 0.11%,
+            needles' worst head row 0.975 at 64K (mean: 0.887), sharp
+            video-like attention at the oracle's density (mean: 1.37x) and
+            spiky attention sparse at recall 0.95 (mean: dense), for the
+            max's share of the scorer pass: LLM-like 128K with FLASH 3.49x
+            (mean) -> 3.00x (bench/RESULTS.md, "Choosing the estimate per
+            head"). ``"max"`` with ``relative_floor=0.01`` and tau 0.999
             takes the spiky family at 128K to 4.2-5.8x over cuDNN at recall
-            0.950-0.956 (three seeds), where the mean runs dense.
-            ``"mean+max"``: the mean's selection plus the blocks the max's
-            cut keeps at the same threshold (the plan's scores, vertical
-            lines and forecast are the mean's). It lifts the needle family's
-            worst head row to 0.975 at tau 0.99 (mean: 0.849-0.887; 16K and
-            64K) for +2% density, and keeps SmolLM2's 18 harness prompts'
-            retrievals as dense, perplexity within 0.1%, for +9% density;
-            both estimates come from one scorer pass, slower than the
-            mean alone: LLM-like 128K with FLASH 3.49x -> 3.07x
-            (bench/RESULTS.md, "Slash lines and the union of two
-            estimates", "The spiky family at 128K").
+            0.950-0.956 ("The spiky family at 128K").
         threshold: tau in (0, 1], the share of attention mass to keep: of the
             true mass on probe rows (``"adaptive"``), or of the estimated mass
             in every row (``"threshold"``); 1.0 keeps every visible block.
@@ -108,7 +101,11 @@ class Config:
             attention a fixed distance back (slash lines), at offsets the
             estimate's pairing may never sample
             (``xflex.attention.selection.slash``). 0 turns it off. Shares
-            the vertical lines' exact pass over the probe rows.
+            the vertical lines' exact pass over the probe rows. On by
+            default since the fifteenth session: the spiky family's
+            max-alone heads need it (128K recall 0.922 -> 0.953), SmolLM2's
+            harness keeps its retrievals for +1.3% density (bench/RESULTS.md,
+            "Choosing the estimate per head").
         relative_floor: also keep every visible block whose estimated score
             reaches this fraction of the largest in its row (FlashPrefill's
             rule beside the threshold cut; 0 turns it off). A sharp estimate
@@ -122,10 +119,14 @@ class Config:
             block"); with the mean it is one more point on the tau curve.
         max_alone_ratio: under ``scoring_reduction="mean+max"``, a head
             whose mean cut keeps more than this many times the blocks of its
-            max cut keeps the max's selection alone (its lines and floor
-            from the max's scores) instead of the union: spiky heads, where
-            the mean's flat estimate keeps most blocks
-            (``xflex.attention.selection.estimates``). 0 turns it off.
+            max cut (at tau, over all its query rows) keeps the max's
+            selection alone, cut at ``1 - (1 - tau) / 10`` (its lines and
+            floor from the max's scores), instead of the union: spiky heads,
+            where the mean's flat estimate keeps most blocks
+            (``xflex.attention.selection.estimates``). 0: the union
+            everywhere. At 2 almost no head of SmolLM2 and none of the llm,
+            needle, smooth video and diffuse families at 64K is alone; at
+            1.5 some llm and needle heads are, and lose worst-row recall.
         threshold_by_call: per-call thresholds, ``{pattern: threshold}``: the
             first pattern (``fnmatch``, e.g. ``"*layers.[3-9].*"``) that matches
             a call's name (as in ``SparsityStats``) gives its threshold; other
@@ -176,7 +177,7 @@ class Config:
     threshold: Threshold = 0.99
     probe_blocks: int = 4
     vertical_mass: float = 0.005
-    slash_mass: float = 0.0
+    slash_mass: float = 0.005
     relative_floor: float = 0.0
     max_alone_ratio: float = 2.0
     threshold_by_call: tuple[tuple[str, Threshold], ...] = ()
